@@ -1,0 +1,1 @@
+"""Frontends: bring a user's model into the one IR (an ``onnx_ir.Model``)."""

@@ -1,0 +1,108 @@
+"""ONNX frontend: a file, bytes or ``ModelProto`` into a checked ``onnx_ir.Model``.
+
+The model is checked, upgraded to :data:`CANONICAL_OPSET` and shape-inferred. External
+data is loaded from the model's folder; a location that leaves that folder is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from kernelize.errors import KernelizeError
+
+CANONICAL_OPSET = 20
+
+
+def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
+    """Load, check, upgrade and shape-infer an ONNX model."""
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+        base_dir = None
+    elif isinstance(source, (bytes, bytearray)):
+        proto = _parse(bytes(source), "<bytes>")
+        base_dir = None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise KernelizeError(f"model file not found: {path}")
+        if not path.is_file():
+            raise KernelizeError(f"not a file: {path}")
+        proto = _parse(path.read_bytes(), str(path))
+        base_dir = path.resolve().parent
+    _load_external_data(proto, base_dir)
+    proto = _upgrade(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as err:  # noqa: BLE001 - onnx raises several types
+        raise KernelizeError(f"invalid ONNX model: {_first_line(err)}") from None
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as err:  # noqa: BLE001
+        raise KernelizeError(f"shape inference failed: {_first_line(err)}") from None
+    return ir.from_proto(proto)
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise KernelizeError(f"{where} is not a valid ONNX file (truncated or corrupt)") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise KernelizeError(f"{where} is not a valid ONNX file (no graph)")
+    return proto
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+    tensors = list(_external_tensors(proto))
+    if not tensors:
+        return
+    if base_dir is None:
+        raise KernelizeError("the model refers to external data; load it from its file path")
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base_dir / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base_dir):
+            raise KernelizeError(
+                f"external data {location!r} of tensor {tensor.name!r} points outside the model's folder"
+            )
+        if not target.is_file():
+            raise KernelizeError(f"external data file missing: {target}")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    except Exception as err:  # noqa: BLE001
+        raise KernelizeError(f"could not read external data: {_first_line(err)}") from None
+
+
+def _upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        raise KernelizeError("the model imports no default ONNX opset")
+    if version == CANONICAL_OPSET:
+        return proto
+    if version > CANONICAL_OPSET:
+        # Newer than canonical: keep it; ONNX Runtime reads newer opsets and
+        # downgrading could change semantics.
+        return proto
+    try:
+        return onnx.version_converter.convert_version(proto, CANONICAL_OPSET)
+    except Exception as err:  # noqa: BLE001
+        raise KernelizeError(
+            f"could not upgrade opset {version} to {CANONICAL_OPSET}: {_first_line(err)}"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

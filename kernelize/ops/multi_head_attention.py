@@ -1,0 +1,79 @@
+"""kernelize.MultiHeadAttention: the whole block from hidden states to merged heads.
+
+``Y = merge(Attention(split(Xq Wq + bq), split(Xk Wk + bk), split(Xv Wv + bv), bias))``
+with ``split`` = reshape to ``[B, S, heads, head_size]`` then transpose to
+``[B, heads, S, head_size]``, and ``merge`` its inverse. The output projection stays
+outside (it is an ordinary MatMul).
+
+ONNX Runtime: self-attention becomes ``com.microsoft.Attention`` with the three
+projections packed into one GEMM; cross-attention becomes ``com.microsoft.MultiHeadAttention``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from kernelize.graph import const_array
+from kernelize.ops.attention import emit_sdpa, softmax
+from kernelize.ops.base import Operator, add_initializer, const, function_inputs, swap_in
+
+
+class MultiHeadAttention(Operator):
+    name = "MultiHeadAttention"
+    inputs = ("query_input", "key_input", "value_input",
+              "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "bias?")
+    attributes = {"num_heads": int, "scale": float}
+
+    def reference(self, xq, xk, xv, wq, bq, wk, bk, wv, bv, bias=None, *, num_heads, scale):
+        def split(x, w, b):
+            y = np.asarray(x, np.float64) @ w + b
+            batch, seq, width = y.shape
+            return y.reshape(batch, seq, num_heads, width // num_heads).transpose(0, 2, 1, 3)
+
+        q, k, v = split(xq, wq, bq), split(xk, wk, bk), split(xv, wv, bv)
+        scores = (q @ np.swapaxes(k, -1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
+        out = softmax(scores) @ v
+        batch, _, seq, _ = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(batch, seq, -1).astype(np.float32)
+
+    def body(self, tape, inputs, attrs):
+        xq, xk, xv, wq, bq, wk, bk, wv, bv, bias = inputs
+        heads = attrs["num_heads"]
+        split_shape = const(tape, [0, 0, heads, -1], np.int64)
+
+        def split(x, w, b):
+            y = tape.op("Add", [tape.op("MatMul", [x, w]), b])
+            return tape.op("Transpose", [tape.op("Reshape", [y, split_shape])], {"perm": [0, 2, 1, 3]})
+
+        out = emit_sdpa(tape, split(xq, wq, bq), split(xk, wk, bk), split(xv, wv, bv), bias, attrs["scale"])
+        merged = tape.op("Transpose", [out], {"perm": [0, 2, 1, 3]})
+        return [tape.op("Reshape", [merged, const(tape, [0, 0, -1], np.int64)])]
+
+    def lower_ort(self, node, graph):
+        xq, xk, xv, wq, bq, wk, bk, wv, bv, bias = function_inputs(node, self)
+        weights = [const_array(v) for v in (wq, wk, wv, bq, bk, bv)]
+        if any(w is None for w in weights):
+            return False
+        heads = node.attributes["num_heads"].value
+        scale = node.attributes["scale"].value
+        wq_, wk_, wv_, bq_, bk_, bv_ = weights
+        prefix = node.name or "mha"
+        if xq is xk is xv:
+            w = ir.Value(name=f"{prefix}.qkv_weight", const_value=ir.tensor(np.concatenate([wq_, wk_, wv_], 1)))
+            b = ir.Value(name=f"{prefix}.qkv_bias", const_value=ir.tensor(np.concatenate([bq_, bk_, bv_])))
+            for init in (w, b):
+                add_initializer(graph, init)
+            inputs = [xq, w, b, None, None, bias]
+            while inputs[-1] is None:
+                inputs.pop()
+            new = ir.Node("com.microsoft", "Attention", inputs, num_outputs=1,
+                          attributes=[ir.AttrInt64("num_heads", heads), ir.AttrFloat32("scale", scale)],
+                          name=node.name)
+        else:
+            return False
+        swap_in(graph, node, [new])
+        return True
+

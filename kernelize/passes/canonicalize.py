@@ -1,0 +1,195 @@
+"""Make the many export spellings of one computation converge before matching.
+
+One pass over the graph applies local rules (each keeps results equal up to float
+rounding); constant folding and dead-code removal come from onnxscript's optimizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import optimizer
+
+from kernelize.graph import attr, const_array, producer, rank, same_shape, shape_elements, static_dims
+from kernelize.ops.base import add_initializer
+
+COMMUTATIVE = {"Add", "Mul", "Max", "Min", "And", "Or", "Equal", "Sum"}
+
+
+def canonicalize(model: ir.Model) -> dict[str, int]:
+    """Rewrite ``model`` in place; return how often each rule fired."""
+    optimizer.optimize(model, num_iterations=2)
+    counts: dict[str, int] = {}
+    graph = model.graph
+    for node in list(graph):
+        if node.graph is None:  # removed by an earlier rule
+            continue
+        for rule in RULES:
+            if rule(graph, node):
+                counts[rule.__name__] = counts.get(rule.__name__, 0) + 1
+                break
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> bool:
+    """Let the users of ``node``'s output read ``replacement``; drop the node if unused."""
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return False
+    ir.convenience.replace_all_uses_with(out, replacement)
+    graph.remove(node, safe=True)
+    return True
+
+
+def gemm_to_matmul(graph: ir.Graph, node: ir.Node) -> bool:
+    """Gemm(A, B, C) with constant B, alpha = beta = 1, no transA -> MatMul + Add."""
+    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+        return False
+    if attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0 or attr(node, "transA", 0):
+        return False
+    weight = const_array(node.inputs[1])
+    if weight is None:
+        return False
+    if attr(node, "transB", 0):
+        value = ir.Value(name=f"{node.inputs[1].name}_t", const_value=ir.tensor(np.ascontiguousarray(weight.T)))
+        b = add_initializer(graph, value)
+    else:
+        b = node.inputs[1]
+    matmul = ir.Node("", "MatMul", [node.inputs[0], b], num_outputs=1)
+    new = [matmul]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        new.append(ir.Node("", "Add", [matmul.outputs[0], node.inputs[2]], num_outputs=1))
+    out = node.outputs[0]
+    graph.insert_before(node, new)
+    result = new[-1].outputs[0]
+    ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
+    name = out.name
+    graph.remove(node, safe=True)
+    result.name, result.shape, result.type = name, out.shape, out.type
+    return True
+
+
+def softmax_nan_guard(graph: ir.Graph, node: ir.Node) -> bool:
+    """Where(IsNaN(s), 0, s) after a Softmax -> s (rows that are all -inf excepted)."""
+    if node.op_type != "Where":
+        return False
+    cond, fill, data = node.inputs
+    isnan = producer(cond, "IsNaN")
+    if isnan is None or isnan.inputs[0] is not data or producer(data, "Softmax") is None:
+        return False
+    fill_value = const_array(fill)
+    if fill_value is None or fill_value.size != 1 or float(fill_value.reshape(())) != 0.0:
+        return False
+    return _bypass(graph, node, data)
+
+
+def reshape_transpose_reshape(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(Transpose(Reshape(x, [-1, a, b]), [0, 2, 1]), [..lead, b, a]) -> Transpose(x).
+
+    The dynamo export spells K^T of a ``[B, H, S, D]`` tensor this way; the shapes are
+    proven equal symbolically, not assumed.
+    """
+    if node.op_type != "Reshape":
+        return False
+    transpose = producer(node.inputs[0], "Transpose")
+    if transpose is None or list(attr(transpose, "perm", [])) != [0, 2, 1]:
+        return False
+    inner = producer(transpose.inputs[0], "Reshape")
+    if inner is None or len(transpose.inputs[0].uses()) != 1 or len(node.inputs[0].uses()) != 1:
+        return False
+    x = inner.inputs[0]
+    r = rank(x)
+    if r is None or r < 3:
+        return False
+    dims = static_dims(x)
+    first, last = shape_elements(inner.inputs[1]), shape_elements(node.inputs[1])
+    if first is None or last is None or len(first) != 3 or len(last) != r:
+        return False
+    if not (first[1:] == dims[-2:] and first[0] in (-1, *([dims[0]] if r == 3 else []))):
+        return False
+    if not same_shape(last, dims[:-2] + [dims[-1], dims[-2]], allowzero=True):
+        return False
+    perm = list(range(r - 2)) + [r - 1, r - 2]
+    new = ir.Node("", "Transpose", [x], attributes=[ir.AttrInt64s("perm", perm)], num_outputs=1)
+    graph.insert_before(node, [new])
+    out = node.outputs[0]
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    return _bypass(graph, node, new.outputs[0])
+
+
+def noop_reshape(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape whose target equals the input's shape (proven symbolically)."""
+    if node.op_type != "Reshape" or node.inputs[0].shape is None:
+        return False
+    target = shape_elements(node.inputs[1])
+    dims = static_dims(node.inputs[0])
+    if target is not None and same_shape(target, dims, bool(attr(node, "allowzero", 0))):
+        return _bypass(graph, node, node.inputs[0])
+    return False
+
+
+def noop_cast(graph: ir.Graph, node: ir.Node) -> bool:
+    """Cast to the dtype the input already has, and Identity."""
+    if node.op_type == "Identity":
+        return _bypass(graph, node, node.inputs[0])
+    if node.op_type != "Cast" or node.inputs[0].type is None:
+        return False
+    if attr(node, "to") == node.inputs[0].dtype.value:
+        return _bypass(graph, node, node.inputs[0])
+    return False
+
+
+def split_key_transpose(graph: ir.Graph, node: ir.Node) -> bool:
+    """Transpose(x, [0, 2, 3, 1]) of a ``[B, S, H, D]`` tensor into a MatMul -> head split
+    Transpose(x, [0, 2, 1, 3]) then K^T Transpose([0, 1, 3, 2]) (eager attention's K^T)."""
+    if node.op_type != "Transpose" or list(attr(node, "perm", [])) != [0, 2, 3, 1]:
+        return False
+    if not any(u.op_type == "MatMul" for u in [use.node for use in node.outputs[0].uses()]):
+        return False
+    split = ir.Node("", "Transpose", [node.inputs[0]], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])],
+                    num_outputs=1)
+    key_t = ir.Node("", "Transpose", [split.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])],
+                    num_outputs=1)
+    graph.insert_before(node, [split, key_t])
+    out = node.outputs[0]
+    key_t.outputs[0].shape, key_t.outputs[0].type = out.shape, out.type
+    if node.inputs[0].shape is not None:
+        d = node.inputs[0].shape
+        split.outputs[0].shape = ir.Shape([d[0], d[2], d[1], d[3]])
+        split.outputs[0].type = out.type
+    return _bypass(graph, node, key_t.outputs[0])
+
+
+def div_to_mul(graph: ir.Graph, node: ir.Node) -> bool:
+    """Div(x, c) with a scalar constant c -> Mul(x, 1/c): one spelling for scale factors."""
+    if node.op_type != "Div":
+        return False
+    c = const_array(node.inputs[1])
+    if c is None or c.size != 1 or c.dtype.kind != "f" or c.reshape(()) == 0:
+        return False
+    inv = ir.Value(name=f"{node.name or node.outputs[0].name}_reciprocal",
+                   const_value=ir.tensor(np.asarray(1.0, c.dtype).reshape(c.shape) / c))
+    add_initializer(graph, inv)
+    mul = ir.Node("", "Mul", [node.inputs[0], inv], num_outputs=1)
+    graph.insert_before(node, [mul])
+    out = node.outputs[0]
+    mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
+    return _bypass(graph, node, mul.outputs[0])
+
+
+def constant_last(graph: ir.Graph, node: ir.Node) -> bool:
+    """Commutative op with a constant first operand: put the constant second."""
+    if node.op_type not in COMMUTATIVE or len(node.inputs) != 2 or node.domain not in ("", "ai.onnx"):
+        return False
+    a, b = node.inputs
+    if const_array(a) is not None and const_array(b) is None:
+        node.replace_input_with(0, b)
+        node.replace_input_with(1, a)
+        return True
+    return False
+
+
+RULES = [gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
+         split_key_transpose,
+         div_to_mul, constant_last]

@@ -1,0 +1,202 @@
+"""Attention: softmax(Q K^T * scale + mask) V, and the whole multi-head block around it.
+
+Anchored at the Softmax. Walking back from it collects the mask (additive, or boolean
+through Where), every scalar scale factor (on Q, on K^T, or on the scores), the Q·K^T
+MatMul and the K^T Transpose, whose permutation is checked. When Q, K and V each come from
+a projection and head split, and the output goes through the head merge, the site covers
+the whole block (``kernelize.MultiHeadAttention``); otherwise it is the core
+(``kernelize.Attention``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from kernelize.graph import attr, const_array, is_internal, only_user, producer, rank, scalar_const, \
+    shape_elements, static_dims, same_shape
+from kernelize.patterns.site import Pattern, Site
+
+
+class AttentionPattern(Pattern):
+    name = "attention"
+    kind = "attention"
+    roots = ("Softmax",)
+
+    def match(self, softmax: ir.Node, model: ir.Model):
+        scores = softmax.inputs[0]
+        r = rank(scores)
+        if r is None:
+            return "softmax input has unknown rank"
+        if attr(softmax, "axis", -1) not in (-1, r - 1):
+            return f"softmax over axis {attr(softmax, 'axis')} is not the last axis"
+        probs = softmax.outputs[0]
+        pv = only_user(probs, "MatMul")
+        if pv is None or pv.inputs[0] is not probs:
+            return "softmax output is not used by exactly one MatMul(probs, V)"
+        nodes = [softmax, pv]
+        scale, bias, extra = 1.0, None, []
+        mask_kind = "none"
+        while True:
+            node = producer(scores)
+            if node is None or len(scores.uses()) != 1 or scores.is_graph_output():
+                break
+            if node.op_type == "Mul" and scalar_const(node.inputs[1]) is not None:
+                scale *= scalar_const(node.inputs[1])
+                nodes.append(node)
+                scores = node.inputs[0]
+            elif node.op_type == "Add" and bias is None:
+                side = _scores_operand(node)
+                if side is None:
+                    break
+                bias, scores = node.inputs[1 - side], node.inputs[side]
+                mask_kind = "additive"
+                nodes.append(node)
+            elif node.op_type == "Where" and bias is None:
+                cond, a, b = node.inputs
+                fill_a, fill_b = scalar_const(a), scalar_const(b)
+                if fill_b is not None and fill_a is None:
+                    keep, fill, scores = True, fill_b, a
+                elif fill_a is not None and fill_b is None:
+                    keep, fill, scores = False, fill_a, b
+                else:
+                    break
+                zero = ir.Value(name=f"{node.outputs[0].name}_zero", const_value=ir.tensor(np.float32(0.0)))
+                fill_v = ir.Value(name=f"{node.outputs[0].name}_fill", const_value=ir.tensor(np.float32(fill)))
+                where = ir.Node("", "Where", [cond, zero, fill_v] if keep else [cond, fill_v, zero], num_outputs=1)
+                where.outputs[0].name = f"{node.outputs[0].name}_bias"
+                extra.append(where)
+                bias, mask_kind = where.outputs[0], "boolean"
+                nodes.append(node)
+            else:
+                break
+        qk = producer(scores, "MatMul")
+        if qk is None:
+            return "no Q·K^T MatMul feeds the softmax"
+        nodes.append(qk)
+        q, key_t = qk.inputs
+        q, q_scale, q_nodes = _strip_scale(q)
+        key_t, k_scale, k_nodes = _strip_scale(key_t)
+        nodes += q_nodes + k_nodes
+        scale *= q_scale * k_scale
+        transpose = producer(key_t, "Transpose")
+        if transpose is None:
+            return "K^T is not produced by a Transpose"
+        perm = list(attr(transpose, "perm", []))
+        if perm != [0, 1, 3, 2]:
+            return f"K^T Transpose has perm {perm}, expected [0, 1, 3, 2]"
+        nodes.append(transpose)
+        k, v = transpose.inputs[0], pv.inputs[1]
+        for name, value in (("Q", q), ("K", k), ("V", v)):
+            if rank(value) != 4:
+                return f"{name} has rank {rank(value)}, expected 4 ([batch, heads, seq, head_size])"
+        why = is_internal(nodes, keep=[pv.outputs[0]])
+        if why:
+            return why
+        heads, head_size = q.shape[1], q.shape[3]
+        info = {"heads": heads if isinstance(heads, int) else None,
+                "head_size": head_size if isinstance(head_size, int) else None,
+                "scale": scale, "mask": mask_kind}
+        if isinstance(head_size, int):
+            info["scale_is_default"] = math.isclose(scale, head_size ** -0.5, rel_tol=1e-6)
+        block = _multi_head_block(q, k, v, pv.outputs[0])
+        if isinstance(block, str):
+            info["projections"] = f"not fused: {block}"
+            return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
+                        {"scale": scale}, info, extra)
+        inputs, out, block_nodes, heads = block
+        why = is_internal(nodes + block_nodes, keep=[out])
+        if why:
+            info["projections"] = f"not fused: {why}"
+            return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
+                        {"scale": scale}, info, extra)
+        info.update(projections="fused", heads=heads)
+        return Site(self.kind, "multi_head_attention", "MultiHeadAttention", nodes + block_nodes,
+                    inputs + [bias], [out], {"num_heads": heads, "scale": scale}, info, extra)
+
+
+def _scores_operand(add: ir.Node) -> int | None:
+    """Which operand of the mask Add carries the Q·K^T scores."""
+    for i in (0, 1):
+        value, _, _ = _strip_scale(add.inputs[i])
+        if producer(value, "MatMul") is not None:
+            return i
+    return None
+
+
+def _strip_scale(value: ir.Value):
+    """Follow Mul-by-scalar-constant producers back; return (source, factor, nodes)."""
+    factor, nodes = 1.0, []
+    while True:
+        node = producer(value, "Mul")
+        c = scalar_const(node.inputs[1]) if node is not None else None
+        if c is None or len(value.uses()) != 1 or value.is_graph_output():
+            return value, factor, nodes
+        factor *= c
+        nodes.append(node)
+        value = node.inputs[0]
+
+
+def _head_split(value: ir.Value):
+    """Transpose([0,2,1,3])(Reshape(x W + b, [B, S, H, D])) -> (x, W, b, H, nodes) or reason."""
+    transpose = producer(value, "Transpose")
+    if transpose is None or list(attr(transpose, "perm", [])) != [0, 2, 1, 3]:
+        return "no head-split Transpose([0, 2, 1, 3])"
+    reshape = producer(transpose.inputs[0], "Reshape")
+    if reshape is None:
+        return "no head-split Reshape"
+    add = producer(reshape.inputs[0], "Add")
+    if add is None or const_array(add.inputs[1]) is None or const_array(add.inputs[1]).ndim != 1:
+        return "projection has no constant bias"
+    matmul = producer(add.inputs[0], "MatMul")
+    weight = const_array(matmul.inputs[1]) if matmul is not None else None
+    if weight is None or weight.ndim != 2:
+        return "projection weight is not a constant matrix"
+    x = matmul.inputs[0]
+    if rank(x) != 3:
+        return "projection input is not [batch, seq, hidden]"
+    target = shape_elements(reshape.inputs[1])
+    if target is None or len(target) != 4:
+        return "head split shape is not [batch, seq, heads, head_size]"
+    if isinstance(target[2], int) and target[2] > 0:
+        heads = target[2]
+    elif target[2] == -1 and isinstance(target[3], int) and target[3] > 0 and weight.shape[1] % target[3] == 0:
+        heads = weight.shape[1] // target[3]
+    else:
+        return "head count of the split is not a constant"
+    if weight.shape[1] % heads:
+        return "projection width is not divisible by the head count"
+    expected = static_dims(x)[:2] + [heads, weight.shape[1] // heads]
+    if not same_shape(target, expected, allowzero=bool(attr(reshape, "allowzero", 0))):
+        return f"head split reshapes to {target}, not [batch, seq, heads, head_size]"
+    return x, matmul.inputs[1], add.inputs[1], heads, [transpose, reshape, add, matmul]
+
+
+def _multi_head_block(q, k, v, out):
+    splits = [_head_split(t) for t in (q, k, v)]
+    for name, s in zip("QKV", splits):
+        if isinstance(s, str):
+            return f"{name}: {s}"
+    heads = {s[3] for s in splits}
+    if len(heads) != 1:
+        return "Q, K and V are split into different head counts"
+    merge_t = only_user(out, "Transpose")
+    if merge_t is None or list(attr(merge_t, "perm", [])) != [0, 2, 1, 3]:
+        return "output has no head-merge Transpose([0, 2, 1, 3])"
+    merge_r = only_user(merge_t.outputs[0], "Reshape")
+    if merge_r is None:
+        return "output has no head-merge Reshape"
+    target = shape_elements(merge_r.inputs[1])
+    xq = splits[0][0]
+    width = const_array(splits[2][1]).shape[1]
+    if target is None or not same_shape(target, static_dims(xq)[:2] + [width],
+                                        allowzero=bool(attr(merge_r, "allowzero", 0))):
+        return "head merge does not reshape to [batch, seq, heads * head_size]"
+    nodes = [merge_t, merge_r]
+    inputs = [s[0] for s in splits]  # schema order: inputs, then (weight, bias) of Q, K, V
+    for s in splits:
+        inputs += [s[1], s[2]]
+        nodes += s[4]
+    return inputs, merge_r.outputs[0], nodes, heads.pop()
