@@ -4,6 +4,7 @@ dynamo ONNX exporter, into the IR. Batch and sequence axes are exported as dynam
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from typing import Any
 
@@ -47,6 +48,7 @@ def capture(module: Any, example_inputs: Any) -> ir.Model:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         dynamic = _dynamic_shapes(args)
     module = module.eval()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

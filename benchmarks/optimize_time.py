@@ -1,0 +1,121 @@
+"""How long kernelize.optimize takes on BERT-large-shaped models (24 and 48 layers).
+
+Each model (hidden 1024, 16 heads, intermediate 4096, vocab 1000, random weights) is
+exported once with kernelize.frontends.torch.capture; the export time is reported apart.
+Then kernelize.optimize(model, measure_latency=False) is timed, split into its phases
+from report["timings"]:
+
+  load      capture_s   (copy, check, opset upgrade and shape inference of the input)
+  rewrite   optimize_s + lower_s   (canonicalize + fuse + lower: the rewrite work)
+  verify    verify_s    (numerical check against the original on small shapes)
+
+Targets: rewrite under 5 s for 24 layers, at most 2x that for 48 layers.
+
+Run: .venv/bin/python benchmarks/optimize_time.py [--layers 24,48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import time
+
+from common import machine, write_json
+
+TARGET_24_S = 5.0
+TARGET_SCALING = 2.0
+
+
+def bert_large(layers: int, seq: int):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
+                        num_hidden_layers=layers, vocab_size=1000)
+    module = BertModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, seq, dtype=torch.long)
+    return module, (ids, mask), sum(p.numel() for p in module.parameters())
+
+
+def measure(layers: int, seq: int) -> dict:
+    import kernelize
+    from kernelize.errors import KernelizeError
+    from kernelize.frontends.torch import capture
+
+    module, inputs, params = bert_large(layers, seq)
+    start = time.perf_counter()
+    exported = capture(module, inputs)
+    export_s = time.perf_counter() - start
+    del module
+    gc.collect()
+
+    row = {"layers": layers, "parameters": params, "export_s": export_s}
+    start = time.perf_counter()
+    try:
+        result = kernelize.optimize(exported, measure_latency=False)
+    except KernelizeError as err:
+        row.update(error=str(err), failed_after_s=time.perf_counter() - start)
+        return row
+    wall = time.perf_counter() - start
+    t = result.report["timings"]
+    row.update(
+        load_s=t["capture_s"], canonicalize_fuse_s=t["optimize_s"], lower_s=t["lower_s"],
+        verify_s=t["verify_s"], optimize_s=t["optimize_s"] + t["lower_s"], total_wall_s=wall,
+        sites=result.report["summary"]["sites"], lowered=result.report["lowered"],
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="24,48", help="comma-separated layer counts (default 24,48)")
+    parser.add_argument("--seq", type=int, default=32, help="sequence length of the export example")
+    args = parser.parse_args()
+    layer_counts = [int(x) for x in args.layers.split(",")]
+
+    rows = []
+    for layers in layer_counts:
+        print(f"{layers} layers: exporting and optimizing ...", flush=True)
+        rows.append(measure(layers, args.seq))
+        gc.collect()
+
+    by_layers = {r["layers"]: r for r in rows if "optimize_s" in r}
+    targets = {}
+    if 24 in by_layers:
+        targets["optimize_24_under_5s"] = by_layers[24]["optimize_s"] < TARGET_24_S
+    if 24 in by_layers and 48 in by_layers:
+        ratio = by_layers[48]["optimize_s"] / by_layers[24]["optimize_s"]
+        targets["scaling_48_over_24"] = ratio
+        targets["scaling_at_most_2x"] = ratio <= TARGET_SCALING
+
+    data = {
+        "benchmark": "optimize_time",
+        "machine": machine(),
+        "settings": {"hidden": 1024, "heads": 16, "intermediate": 4096, "vocab": 1000,
+                     "export_batch": 1, "export_seq": args.seq, "layers": layer_counts},
+        "rows": rows,
+        "targets": targets,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    path = write_json("optimize_time", data)
+
+    print(f"\n{'layers':>6} {'params':>8} {'export':>8} {'load':>7} {'rewrite':>8} {'(c+f':>7} "
+          f"{'lower)':>7} {'verify':>7} {'total':>7}   (seconds)")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['layers']:>6} {r['parameters'] / 1e6:>7.0f}M {r['export_s']:>8.2f}  "
+                  f"FAILED after {r['failed_after_s']:.1f} s: {r['error']}")
+            continue
+        print(f"{r['layers']:>6} {r['parameters'] / 1e6:>7.0f}M {r['export_s']:>8.2f} {r['load_s']:>7.2f} "
+              f"{r['optimize_s']:>8.2f} {r['canonicalize_fuse_s']:>7.2f} {r['lower_s']:>7.2f} "
+              f"{r['verify_s']:>7.2f} {r['total_wall_s']:>7.2f}")
+    for name, value in targets.items():
+        print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"peak RSS {data['peak_rss_gib']:.1f} GiB; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The command line: help, exit codes, one-line errors and no partial output on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kernelize.cli import main
+
+
+def _no_attention_model(path, external=False):
+    """x @ W -> Relu: a valid model with nothing to fuse."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    if external:
+        onnx.save_model(model, path, save_as_external_data=True, location="tiny.onnx.data",
+                        all_tensors_to_one_file=True, size_threshold=0)
+    else:
+        onnx.save_model(model, path)
+    return path
+
+
+def _run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, expected_code=1, needle=""):
+    assert code == expected_code
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kernelize: error:")
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_on_every_command(capsys):
+    for args in (["--help"], ["optimize", "--help"], ["inspect", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 0
+        assert "usage: kernelize" in capsys.readouterr().out
+
+
+def test_missing_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(["optimize", str(tmp_path / "nope.onnx"), "-o", str(out), "-q"], capsys)
+    _assert_one_line_error(code, err, 1, "not found")
+    assert not out.exists()
+
+
+def test_truncated_file(tmp_path, capsys):
+    good = _no_attention_model(tmp_path / "good.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(good.read_bytes()[:57])
+    out = tmp_path / "out"
+    code, _, err = _run(["optimize", str(bad), "-o", str(out), "-q"], capsys)
+    _assert_one_line_error(code, err, 1, "not a valid ONNX file")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_garbage_file(tmp_path, capsys):
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(os.urandom(4096))
+    code, _, err = _run(["inspect", str(bad)], capsys)
+    _assert_one_line_error(code, err, 1)
+
+
+def test_external_data_outside_folder(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _no_attention_model(folder / "tiny.onnx", external=True)
+    (tmp_path / "secret.bin").write_bytes((folder / "tiny.onnx.data").read_bytes())
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"
+    onnx.save_model(proto, path)
+    out = tmp_path / "out"
+    code, _, err = _run(["optimize", str(path), "-o", str(out), "-q"], capsys)
+    _assert_one_line_error(code, err, 1, "outside the model's folder")
+    assert not out.exists()
+
+
+def test_external_data_inside_folder_loads(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _no_attention_model(folder / "tiny.onnx", external=True)
+    code, out, _ = _run(["inspect", str(path)], capsys)
+    assert code == 0 and "sites: none" in out
+
+
+def test_no_attention_succeeds_with_zero_sites(tmp_path, capsys):
+    path = _no_attention_model(tmp_path / "tiny.onnx")
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["optimize", str(path), "-o", str(out), "-q", "--no-latency"], capsys)
+    assert code == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["sites"] == [] and report["summary"]["sites"] == {}
+    assert (out / "model.onnx").is_file() and (out / "report.txt").is_file()
+    assert max(report["end_to_end"]["outputs"].values()) == 0.0
+
+
+@pytest.mark.parametrize("flag,value", [("--recipe", "turbo"), ("--backend", "tensorrt")])
+def test_unknown_recipe_or_backend(tmp_path, capsys, flag, value):
+    path = _no_attention_model(tmp_path / "tiny.onnx")
+    out = tmp_path / "out"
+    code, _, err = _run(["optimize", str(path), "-o", str(out), flag, value, "-q"], capsys)
+    _assert_one_line_error(code, err, 2, value)
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    path = _no_attention_model(tmp_path / "tiny.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(["optimize", str(path), "-o", str(out), "-q", "--no-latency"], capsys)
+    _assert_one_line_error(code, err, 1, "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, _ = _run(["optimize", str(path), "-o", str(out), "-q", "--no-latency", "--force"], capsys)
+    assert code == 0 and (out / "model.onnx").exists() and not (out / "keep.txt").exists()
+
+
+def test_bad_builder_spec(capsys):
+    code, _, err = _run(["inspect", "no_such_pkg.models:build"], capsys)
+    _assert_one_line_error(code, err, 1, "cannot import")
+
+
+def test_usage_error_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["optimize", "--threads"])
+    assert exc.value.code == 2
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kernelize", "optimize", str(tmp_path / "missing.onnx"),
+                           "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("kernelize: error: model file not found")
