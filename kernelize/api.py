@@ -120,8 +120,8 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
         t = step(f"applying {len(rewrites)} custom rewrite(s)")
         ir_model, custom = _apply_custom(ir_model, rewrites)
         timings["custom_s"] = time.perf_counter() - t
+    canonical = ir.to_proto(ir_model)  # the reference for the per-site checks
     t = step("fusing")
-    canonical = ir.to_proto(ir_model)
     sites, misses = fuse(ir_model)
     timings["fuse_s"] = time.perf_counter() - t
     timings["optimize_s"] = timings["canonicalize_s"] + timings["fuse_s"]

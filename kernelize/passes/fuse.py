@@ -98,6 +98,8 @@ def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], li
         for site in sites:
             if kinds is not None and site.kind not in kinds:
                 continue
+            if not site.nodes and site.outputs and site.outputs[0].producer() in made_by:
+                continue  # the standard op a phase-0 site just produced: reported there
             for n in site.nodes:
                 earlier = made_by.pop(n, None)
                 if earlier is not None:

@@ -175,7 +175,7 @@ class SkipLayerNormPattern(Pattern):
         add = producer(node.inputs[0], "Add")
         info = {"epsilon": eps}
         if add is None or any(const_array(v) is not None for v in add.inputs):
-            return Site(self.kind, "layer_norm", "onnx::LayerNormalization", [], [], [], {},
+            return Site(self.kind, "layer_norm", "onnx::LayerNormalization", [], [], [node.outputs[0]], {},
                         {**info, "residual": False, "note": "already the fused standard op"})
         # The operand that ends in a constant bias Add is "input" (its bias can fold).
         first = 0
