@@ -145,3 +145,19 @@ def test_inspect_reports_near_miss_reason():
     report = kernelize.inspect(_sdpa_model(perm=(0, 2, 1, 3)))
     assert report["summary"]["sites"] == {}
     assert report["near_misses"] and "perm" in report["near_misses"][0]["reason"]
+
+
+def test_causal_sdpa_recognized_and_exact():
+    import torch
+    import torch.nn.functional as F
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    result = kernelize.optimize(Causal(), (q, k, v), measure_latency=False)
+    (site,) = result.report["sites"]
+    assert site["rewrite"] == "Attention" and site["mask"] == "causal"
+    assert max(result.report["end_to_end"]["outputs"].values()) <= 1e-5

@@ -95,6 +95,8 @@ class AttentionPattern(Pattern):
         why = is_internal(nodes, keep=[pv.outputs[0]])
         if why:
             return why
+        if mask_kind == "additive" and _is_causal(bias):
+            mask_kind = "causal"
         heads, head_size = q.shape[1], q.shape[3]
         info = {"heads": heads if isinstance(heads, int) else None,
                 "head_size": head_size if isinstance(head_size, int) else None,
@@ -115,6 +117,26 @@ class AttentionPattern(Pattern):
         info.update(projections="fused", heads=heads)
         return Site(self.kind, "multi_head_attention", "MultiHeadAttention", nodes + block_nodes,
                     inputs + [bias], [out], {"num_heads": heads, "scale": scale}, info, extra)
+
+
+def _is_causal(bias: ir.Value) -> bool:
+    """bias = Where(Equal(Trilu(ones, lower), 0), -big, 0): torch's is_causal mask."""
+    where = producer(bias, "Where")
+    if where is None:
+        return False
+    cond, masked, kept = where.inputs
+    fill, zero = scalar_const(masked), scalar_const(kept)
+    equal = producer(cond, "Equal")
+    if fill is None or zero != 0.0 or fill > -1e4 or equal is None or scalar_const(equal.inputs[1]) != 0.0:
+        return False
+    trilu = producer(equal.inputs[0], "Trilu")
+    if trilu is None or attr(trilu, "upper", 1) != 0 or (len(trilu.inputs) > 1 and trilu.inputs[1] is not None
+                                                          and scalar_const(trilu.inputs[1]) != 0):
+        return False
+    source = trilu.inputs[0]
+    expand = producer(source, "Expand")
+    ones = scalar_const(expand.inputs[0]) if expand is not None else None
+    return ones is not None and ones != 0
 
 
 def _scores_operand(add: ir.Node) -> int | None:
