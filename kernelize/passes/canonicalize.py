@@ -59,8 +59,10 @@ def gemm_to_matmul(graph: ir.Graph, node: ir.Node) -> bool:
     if weight is None:
         return False
     if attr(node, "transB", 0):
-        value = ir.Value(name=f"{node.inputs[1].name}_t", const_value=ir.tensor(np.ascontiguousarray(weight.T)))
-        b = add_initializer(graph, value)
+        name = f"{node.inputs[1].name}_t"
+        b = graph.initializers.get(name)  # the same weight may feed several Gemms
+        if b is None:
+            b = add_initializer(graph, ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(weight.T))))
     else:
         b = node.inputs[1]
     matmul = ir.Node("", "MatMul", [node.inputs[0], b], num_outputs=1)
