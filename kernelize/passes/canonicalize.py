@@ -6,11 +6,14 @@ rounding); constant folding and dead-code removal come from onnxscript's optimiz
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from kernelize.graph import attr, const_array, producer, rank, same_shape, shape_elements, static_dims
+from kernelize.graph import attr, const_array, only_user, producer, rank, same_shape, scalar_const, shape_elements, \
+    static_dims
 from kernelize.ops.base import add_initializer
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "And", "Or", "Equal", "Sum"}
@@ -170,6 +173,84 @@ def split_key_transpose(graph: ir.Graph, node: ir.Node) -> bool:
     return _bypass(graph, node, key_t.outputs[0])
 
 
+def flattened_matmul(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(MatMul(Reshape(x, [-1, K]), W), [*lead(x), N]) -> MatMul(x, W).
+
+    GPT-2's Conv1D (and Gemm exports) flatten the tokens around a 2-D product; a MatMul
+    broadcasts over leading axes, so the reshapes cancel when the last one restores x's
+    leading dims (proven symbolically).
+    """
+    if node.op_type != "Reshape":
+        return False
+    matmul = producer(node.inputs[0], "MatMul")
+    if matmul is None or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
+        return False
+    weight = const_array(matmul.inputs[1])
+    flatten = producer(matmul.inputs[0], "Reshape")
+    if weight is None or weight.ndim != 2 or flatten is None:
+        return False
+    x = flatten.inputs[0]
+    if rank(x) is None or rank(x) < 3:
+        return False
+    dims = static_dims(x)
+    first, last = shape_elements(flatten.inputs[1]), shape_elements(node.inputs[1])
+    if first is None or last is None or len(first) != 2 or first[1] != dims[-1] or first[0] != -1:
+        return False
+    if not same_shape(last, dims[:-1] + [weight.shape[1]], allowzero=bool(attr(node, "allowzero", 0))):
+        return False
+    new = ir.Node("", "MatMul", [x, matmul.inputs[1]], num_outputs=1)
+    graph.insert_before(node, [new])
+    out = node.outputs[0]
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    return _bypass(graph, node, new.outputs[0])
+
+
+def tanh_gelu(graph: ir.Graph, node: ir.Node) -> bool:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -> Gelu(x, approximate="tanh")."""
+    if node.op_type != "Tanh":
+        return False
+    inner = producer(node.inputs[0], "Mul")
+    if inner is None or not _close(scalar_const(inner.inputs[1]), math.sqrt(2.0 / math.pi)):
+        return False
+    poly = producer(inner.inputs[0], "Add")
+    if poly is None:
+        return False
+    for i in (0, 1):
+        x, cube_term = poly.inputs[i], poly.inputs[1 - i]
+        scaled = producer(cube_term, "Mul")
+        cube = producer(scaled.inputs[0], "Pow") if scaled is not None else None
+        if (cube is not None and cube.inputs[0] is x and _close(scalar_const(cube.inputs[1]), 3.0)
+                and _close(scalar_const(scaled.inputs[1]), 0.044715)):
+            break
+    else:
+        return False
+    plus_one = only_user(node.outputs[0], "Add")
+    if plus_one is None or not _close(scalar_const(plus_one.inputs[1]), 1.0):
+        return False
+    outer = only_user(plus_one.outputs[0], "Mul")
+    if outer is None:
+        return False
+    half = producer(outer.inputs[0], "Mul")
+    if half is None or half.inputs[0] is not x or not _close(scalar_const(half.inputs[1]), 0.5):
+        return False
+    chain = [cube, scaled, poly, inner, node, plus_one, half]
+    if any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in chain):
+        return False
+    gelu = ir.Node("", "Gelu", [x], attributes=[ir.AttrString("approximate", "tanh")], num_outputs=1)
+    graph.insert_before(outer, [gelu])
+    out = outer.outputs[0]
+    gelu.outputs[0].shape, gelu.outputs[0].type = out.shape, out.type
+    if not _bypass(graph, outer, gelu.outputs[0]):
+        graph.remove(gelu)
+        return False
+    graph.remove(list(reversed(chain)), safe=True)
+    return True
+
+
+def _close(value: float | None, target: float) -> bool:
+    return value is not None and math.isclose(value, target, rel_tol=1e-4)
+
+
 def div_to_mul(graph: ir.Graph, node: ir.Node) -> bool:
     """Div(x, c) with a scalar constant c -> Mul(x, 1/c): one spelling for scale factors."""
     if node.op_type != "Div":
@@ -200,5 +281,5 @@ def constant_last(graph: ir.Graph, node: ir.Node) -> bool:
 
 
 RULES = [gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
-         split_key_transpose,
+         split_key_transpose, flattened_matmul, tanh_gelu,
          div_to_mul, constant_last]

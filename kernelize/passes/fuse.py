@@ -59,10 +59,10 @@ def apply_site(model: ir.Model, site: Site) -> ir.Node | None:
                        attributes=[ir.convenience.convert_attribute(k, v) for k, v in site.attrs.items()])
     else:
         node = ops.get(site.op).make_node(model, list(site.inputs), site.attrs)
-    for extra in site.extra_nodes:
-        for v in extra.inputs:
-            if v is not None and v.const_value is not None and v.producer() is None and not v.is_initializer():
-                ops.base.add_initializer(graph, v)
+    new_values = list(site.inputs) + [v for extra in site.extra_nodes for v in extra.inputs]
+    for v in new_values:  # constants a pattern created (zero bias, mask fill values)
+        if v is not None and v.const_value is not None and v.producer() is None and not v.is_initializer():
+            ops.base.add_initializer(graph, v)
     graph.insert_before(position, [*site.extra_nodes, node])
     pairs = [(old, new, old.name) for old, new in zip(site.outputs, node.outputs) if old is not None]
     for old, new, _ in pairs:

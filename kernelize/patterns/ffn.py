@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from kernelize.graph import attr, const_array, is_internal, only_user, producer
@@ -9,31 +10,43 @@ from kernelize.patterns.site import Pattern, Site
 
 
 def _linear_in(value: ir.Value, nodes: list):
-    """value = x W + b with constant W (2-D) and b (1-D) -> (x, W, b)."""
+    """value = x W (+ b) with constant W (2-D) and b (1-D) -> (x, W, b or None)."""
     add = producer(value, "Add")
-    if add is None:
-        return None
-    b = const_array(add.inputs[1])
-    matmul = producer(add.inputs[0], "MatMul")
+    b = const_array(add.inputs[1]) if add is not None else None
+    if add is not None and b is not None and b.ndim == 1:
+        value, bias = add.inputs[0], add.inputs[1]
+        nodes.append(add)
+    else:
+        bias = None
+    matmul = producer(value, "MatMul")
     w = const_array(matmul.inputs[1]) if matmul is not None else None
-    if b is None or b.ndim != 1 or w is None or w.ndim != 2:
+    if w is None or w.ndim != 2 or len(value.uses()) != 1:
         return None
-    nodes += [matmul, add]
-    return matmul.inputs[0], matmul.inputs[1], add.inputs[1]
+    nodes.append(matmul)
+    return matmul.inputs[0], matmul.inputs[1], bias
 
 
 def _linear_out(value: ir.Value, nodes: list):
-    """The single use of value is x W + b -> (W, b, output value)."""
+    """The single use of value is x W (+ b) -> (W, b or None, output value)."""
     matmul = only_user(value, "MatMul")
     if matmul is None or matmul.inputs[0] is not value:
         return None
     w = const_array(matmul.inputs[1])
+    if w is None or w.ndim != 2:
+        return None
+    nodes.append(matmul)
     add = only_user(matmul.outputs[0], "Add")
     b = const_array(add.inputs[1]) if add is not None else None
-    if w is None or w.ndim != 2 or b is None or b.ndim != 1:
-        return None
-    nodes += [matmul, add]
+    if b is None or b.ndim != 1:
+        return matmul.inputs[1], None, matmul.outputs[0]
+    nodes.append(add)
     return matmul.inputs[1], add.inputs[1], add.outputs[0]
+
+
+def _zeros_like_columns(weight: ir.Value, name: str) -> ir.Value:
+    """A zero bias for a Linear without one (the operator always takes a bias)."""
+    width = const_array(weight).shape[1]
+    return ir.Value(name=name, const_value=ir.tensor(np.zeros(width, np.float32)))
 
 
 class FeedForwardPattern(Pattern):
@@ -55,6 +68,8 @@ class FeedForwardPattern(Pattern):
             return "activation output is not used by exactly one Linear with constant weights"
         x, w1, b1 = first
         w2, b2, out = second
+        b1 = b1 or _zeros_like_columns(w1, f"{node.outputs[0].name}_b1")
+        b2 = b2 or _zeros_like_columns(w2, f"{out.name}_b2")
         why = is_internal(nodes, keep=[out])
         if why:
             return why
