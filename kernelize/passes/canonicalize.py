@@ -174,16 +174,21 @@ def split_key_transpose(graph: ir.Graph, node: ir.Node) -> bool:
 
 
 def flattened_matmul(graph: ir.Graph, node: ir.Node) -> bool:
-    """Reshape(MatMul(Reshape(x, [-1, K]), W), [*lead(x), N]) -> MatMul(x, W).
+    """Reshape(MatMul(Reshape(x, [-1, K]), W) [+ b], [*lead(x), N]) -> MatMul(x, W) [+ b].
 
     GPT-2's Conv1D (and Gemm exports) flatten the tokens around a 2-D product; a MatMul
     broadcasts over leading axes, so the reshapes cancel when the last one restores x's
     leading dims (proven symbolically).
     """
-    if node.op_type != "Reshape":
+    if node.op_type != "Reshape" or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
         return False
-    matmul = producer(node.inputs[0], "MatMul")
-    if matmul is None or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
+    bias = producer(node.inputs[0], "Add")  # an optional bias between product and reshape
+    bias_value = const_array(bias.inputs[1]) if bias is not None else None
+    if bias is not None and (bias_value is None or bias_value.ndim != 1):
+        return False
+    product = bias.inputs[0] if bias is not None else node.inputs[0]
+    matmul = producer(product, "MatMul")
+    if matmul is None or len(product.uses()) != 1:
         return False
     weight = const_array(matmul.inputs[1])
     flatten = producer(matmul.inputs[0], "Reshape")
@@ -194,15 +199,34 @@ def flattened_matmul(graph: ir.Graph, node: ir.Node) -> bool:
         return False
     dims = static_dims(x)
     first, last = shape_elements(flatten.inputs[1]), shape_elements(node.inputs[1])
-    if first is None or last is None or len(first) != 2 or first[1] != dims[-1] or first[0] != -1:
+    if first is None or last is None or len(first) != 2 or first[0] != -1:
         return False
-    if not same_shape(last, dims[:-1] + [weight.shape[1]], allowzero=bool(attr(node, "allowzero", 0))):
+    # the flatten keeps dims[:keep] as tokens and merges the rest into K (one or more axes)
+    keep, width = len(dims) - 1, dims[-1]
+    while width != first[1] and keep > 1 and isinstance(width, int) and isinstance(dims[keep - 1], int):
+        keep -= 1
+        width *= dims[keep]
+    if width != first[1] or keep < 2:
         return False
-    new = ir.Node("", "MatMul", [x, matmul.inputs[1]], num_outputs=1)
-    graph.insert_before(node, [new])
+    if not same_shape(last, dims[:keep] + [weight.shape[1]], allowzero=bool(attr(node, "allowzero", 0))):
+        return False
+    new = []
+    if keep < len(dims) - 1:  # merge the trailing axes first: Reshape(x, [0, .., 0, -1])
+        merge_shape = ir.Value(name=f"{node.outputs[0].name}_merge_shape",
+                               const_value=ir.tensor(np.array([0] * keep + [-1], np.int64)))
+        add_initializer(graph, merge_shape)
+        new.append(ir.Node("", "Reshape", [x, merge_shape], num_outputs=1))
+        x = new[-1].outputs[0]
+        x.shape, x.type = ir.Shape([*list(flatten.inputs[0].shape)[:keep], first[1]]), flatten.inputs[0].type
+    new.append(ir.Node("", "MatMul", [x, matmul.inputs[1]], num_outputs=1))
+    if bias is not None:
+        new.append(ir.Node("", "Add", [new[-1].outputs[0], bias.inputs[1]], num_outputs=1))
+    graph.insert_before(node, new)
     out = node.outputs[0]
-    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
-    return _bypass(graph, node, new.outputs[0])
+    for n in new:
+        if n.op_type != "Reshape":
+            n.outputs[0].shape, n.outputs[0].type = out.shape, out.type
+    return _bypass(graph, node, new[-1].outputs[0])
 
 
 def tanh_gelu(graph: ir.Graph, node: ir.Node) -> bool:

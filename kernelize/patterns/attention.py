@@ -169,14 +169,11 @@ def _head_split(value: ir.Value):
     reshape = producer(transpose.inputs[0], "Reshape")
     if reshape is None:
         return "no head-split Reshape"
-    add = producer(reshape.inputs[0], "Add")
-    if add is None or const_array(add.inputs[1]) is None or const_array(add.inputs[1]).ndim != 1:
-        return "projection has no constant bias"
-    matmul = producer(add.inputs[0], "MatMul")
-    weight = const_array(matmul.inputs[1]) if matmul is not None else None
-    if weight is None or weight.ndim != 2:
-        return "projection weight is not a constant matrix"
-    x = matmul.inputs[0]
+    projection = _projection(reshape.inputs[0])
+    if isinstance(projection, str):
+        return projection
+    x, weight_value, bias_value, proj_nodes = projection
+    weight = const_array(weight_value)
     if rank(x) != 3:
         return "projection input is not [batch, seq, hidden]"
     target = shape_elements(reshape.inputs[1])
@@ -193,7 +190,45 @@ def _head_split(value: ir.Value):
     expected = static_dims(x)[:2] + [heads, weight.shape[1] // heads]
     if not same_shape(target, expected, allowzero=bool(attr(reshape, "allowzero", 0))):
         return f"head split reshapes to {target}, not [batch, seq, heads, head_size]"
-    return x, matmul.inputs[1], add.inputs[1], heads, [transpose, reshape, add, matmul]
+    return x, weight_value, bias_value, heads, [transpose, reshape, *proj_nodes]
+
+
+def _projection(value: ir.Value):
+    """value = x W + b, or one chunk of a packed QKV projection split along the last axis
+    (GPT-2): -> (x, W, b, nodes); W and b are sliced into new constants for a chunk."""
+    split = producer(value, "Split")
+    if split is not None:
+        index = list(split.outputs).index(value)
+        packed = _projection(split.inputs[0])
+        if isinstance(packed, str):
+            return packed
+        x, w_value, b_value, nodes = packed
+        w, b = const_array(w_value), const_array(b_value)
+        sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        parts = len(split.outputs)
+        r = rank(value)
+        if attr(split, "axis", 0) not in (-1, (r or 0) - 1) or (sizes is None and w.shape[1] % parts):
+            return "packed projection is not split evenly along the last axis"
+        bounds = np.cumsum([0, *(sizes if sizes is not None else [w.shape[1] // parts] * parts)])
+        lo, hi = int(bounds[index]), int(bounds[index + 1])
+        name = f"{value.name}_proj"
+        w_chunk = ir.Value(name=f"{name}_weight", const_value=ir.tensor(np.ascontiguousarray(w[:, lo:hi])))
+        b_chunk = ir.Value(name=f"{name}_bias", const_value=ir.tensor(np.ascontiguousarray(b[lo:hi])))
+        return x, w_chunk, b_chunk, [split, *nodes]
+    add = producer(value, "Add")
+    bias = const_array(add.inputs[1]) if add is not None else None
+    if add is not None and bias is not None and bias.ndim == 1:
+        value, bias_value, nodes = add.inputs[0], add.inputs[1], [add]
+    else:
+        bias_value, nodes = None, []
+    matmul = producer(value, "MatMul")
+    weight = const_array(matmul.inputs[1]) if matmul is not None else None
+    if weight is None or weight.ndim != 2:
+        return "projection weight is not a constant matrix"
+    if bias_value is None:
+        bias_value = ir.Value(name=f"{value.name}_zero_bias",
+                              const_value=ir.tensor(np.zeros(weight.shape[1], np.float32)))
+    return matmul.inputs[0], matmul.inputs[1], bias_value, [*nodes, matmul]
 
 
 def _multi_head_block(q, k, v, out):
