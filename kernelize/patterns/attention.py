@@ -104,14 +104,11 @@ class AttentionPattern(Pattern):
         if isinstance(head_size, int):
             info["scale_is_default"] = math.isclose(scale, head_size ** -0.5, rel_tol=1e-6)
         block = _multi_head_block(q, k, v, pv.outputs[0])
-        if isinstance(block, str):
+        if not isinstance(block, str):
+            inputs, out, block_nodes, heads = block
+            block = is_internal(nodes + block_nodes, keep=[out]) or block
+        if isinstance(block, str):  # only the core: Q, K, V already split into heads
             info["projections"] = f"not fused: {block}"
-            return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
-                        {"scale": scale}, info, extra)
-        inputs, out, block_nodes, heads = block
-        why = is_internal(nodes + block_nodes, keep=[out])
-        if why:
-            info["projections"] = f"not fused: {why}"
             return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
                         {"scale": scale}, info, extra)
         info.update(projections="fused", heads=heads)
