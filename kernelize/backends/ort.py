@@ -66,7 +66,10 @@ def session(model, threads: int = 1, extra_outputs=()):
 
 def run(sess, feeds: dict[str, np.ndarray], names=None) -> dict[str, np.ndarray]:
     names = names or [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+        raise KernelizeError(f"ONNX Runtime failed to run the model: {str(err).splitlines()[0]}") from None
 
 
 def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> dict[str, float]:

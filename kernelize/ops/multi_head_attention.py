@@ -66,6 +66,17 @@ class MultiHeadAttention(Operator):
             b = ir.Value(name=f"{prefix}.qkv_bias", const_value=ir.tensor(np.concatenate([bq_, bk_, bv_])))
             for init in (w, b):
                 add_initializer(graph, init)
+            extra = []
+            if bias is not None and not _full_bias(bias, xq):
+                # ONNX Runtime wants [B|1, H|1, S, S]; Expand broadcasts e.g. a [B, 1, 1, S] padding mask
+                seq = ir.Node("", "Shape", [xq], attributes=[ir.AttrInt64("start", 1), ir.AttrInt64("end", 2)],
+                              num_outputs=1)
+                lead = add_initializer(graph, ir.Value(name=f"{prefix}.bias_lead",
+                                                       const_value=ir.tensor(np.array([1, 1], np.int64))))
+                target = ir.Node("", "Concat", [lead, seq.outputs[0], seq.outputs[0]],
+                                 attributes=[ir.AttrInt64("axis", 0)], num_outputs=1)
+                expand = ir.Node("", "Expand", [bias, target.outputs[0]], num_outputs=1)
+                extra, bias = [seq, target, expand], expand.outputs[0]
             inputs = [xq, w, b, None, None, bias]
             while inputs[-1] is None:
                 inputs.pop()
@@ -74,6 +85,14 @@ class MultiHeadAttention(Operator):
                           name=node.name)
         else:
             return False
-        swap_in(graph, node, [new])
+        swap_in(graph, node, [*extra, new])
         return True
 
+
+
+def _full_bias(bias: ir.Value, x: ir.Value) -> bool:
+    """Whether ``bias`` is statically [*, *, S, S] with S the sequence axis of ``x``."""
+    if bias.shape is None or len(bias.shape) != 4 or x.shape is None or len(x.shape) != 3:
+        return False
+    seq = x.shape[1]
+    return bias.shape[2] == seq and bias.shape[3] == seq
