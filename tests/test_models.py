@@ -23,8 +23,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import kernelize  # noqa: E402
 from kernelize.backends import ort as ort_backend  # noqa: E402
@@ -302,8 +302,8 @@ SMALL_MODELS = {
     "llama": _llama,
     "bert_eager": _bert,
 }
-# models whose Q, K and V come from separate Linear layers fuse the whole block
-SEPARATE_QKV = {"vit", "bert_eager"}
+# models whose Q, K and V projections (separate, or GPT-2's packed one) fuse with the attention
+SEPARATE_QKV = {"vit", "bert_eager", "gpt2"}
 
 
 @pytest.fixture(scope="module", params=list(SMALL_MODELS))
@@ -381,8 +381,11 @@ def test_small_model_norm_and_ffn_sites(small):
         activation = "relu" if name.startswith("transformer_encoder") else "gelu"
         assert len(ffn) == LAYERS and all(s["rewrite"] == "FeedForward" and s["activation"] == activation
                                           for s in ffn)
-    else:  # gpt2: LayerNorms and attention; its tanh-GELU MLP is spelled out in Pow/Tanh
+    else:  # gpt2: its tanh-GELU is spelled out in Pow/Tanh, around Conv1D's flattened products
         assert len(norms) == 2 * LAYERS + 1
+        assert len(ffn) == LAYERS and all(s["rewrite"] == "FeedForward" and s["activation"] == "gelu_tanh"
+                                          for s in ffn)
+        assert top_level_ops(result.model)["Tanh"] == 0
 
 
 # -- regressions -------------------------------------------------------------------------------------
