@@ -41,21 +41,25 @@ class SkipLayerNorm(Operator):
 
     def lower_ort(self, node, graph):
         x, skip, gamma, beta = function_inputs(node, self)
-        if gamma.shape is None or len(gamma.shape) != 1 or x.shape is None or x.shape != skip.shape:
-            return False  # ONNX Runtime's kernel wants equal shapes; the body broadcasts
-        bias = None
-        add = producer(x, "Add")
-        if add is not None and len(x.uses()) == 1 and not x.is_graph_output():
-            for i in (0, 1):
-                b = const_array(add.inputs[i])
-                if b is not None and b.ndim == 1 and b.shape == tuple(gamma.shape):
-                    bias, x = add.inputs[i], add.inputs[1 - i]
-                    break
+        if gamma.shape is None or len(gamma.shape) != 1:
+            return False
+        if x.shape is not None and skip.shape is not None and _broadcasts_over_batch(x.shape, skip.shape):
+            x, skip = skip, x  # the kernel takes the full-shaped tensor first
+        if x.shape is None or skip.shape is None or not (
+                skip.shape == x.shape or _broadcasts_over_batch(skip.shape, x.shape)):
+            return False  # ONNX Runtime's kernel wants skip shaped like input or [1, S, H]
+        bias, add = None, None
+        for first, second in ((x, skip), (skip, x)):  # x + skip is symmetric: fold either bias
+            add = producer(first, "Add")
+            b = const_array(add.inputs[1]) if add is not None else None
+            if (b is not None and b.ndim == 1 and b.shape == tuple(gamma.shape) and len(first.uses()) == 1
+                    and not first.is_graph_output() and add.inputs[0].shape in (None, first.shape)):
+                x, skip, bias = add.inputs[0], second, add.inputs[1]
+                break
         inputs = [x, skip, gamma, beta, bias]
         while inputs[-1] is None:
             inputs.pop()
-        new = ir.Node("com.microsoft", "SkipLayerNormalization",
-                      [v if v is not None else None for v in inputs], num_outputs=4,
+        new = ir.Node("com.microsoft", "SkipLayerNormalization", inputs, num_outputs=4,
                       attributes=[ir.AttrFloat32("epsilon", node.attributes["epsilon"].value)],
                       name=node.name)
         pairs = [(old, new.outputs[i], old.name) for old, i in zip(node.outputs, (0, 3))]
@@ -68,3 +72,9 @@ class SkipLayerNorm(Operator):
         if bias is not None and not add.outputs[0].uses():
             graph.remove(add, safe=True)
         return True
+
+
+def _broadcasts_over_batch(small: ir.Shape, full: ir.Shape) -> bool:
+    """``small`` is [1, S, H] and ``full`` is [B, S, H] with B not statically 1."""
+    return len(small) == len(full) == 3 and small[0] == 1 and full[0] != 1 and \
+        list(small)[1:] == list(full)[1:]

@@ -44,12 +44,23 @@ def find_sites(model: ir.Model, patterns: list[Pattern] | None = None, phase: in
     return sites, misses
 
 
-def apply_site(model: ir.Model, site: Site) -> ir.Node | None:
-    """Replace the site's nodes with one node of its operator."""
+def apply_site(model: ir.Model, site: Site, moved: dict[ir.Value, ir.Value] | None = None) -> ir.Node | None:
+    """Replace the site's nodes with one node of its operator.
+
+    Sites of one phase are matched before any is applied, so a site may name a value that
+    an earlier rewrite replaced: ``moved`` maps each replaced value to its replacement (and
+    is extended with this site's outputs).
+    """
     graph = model.graph
     if not site.nodes:
         return None  # recognized, already in fused form
-    position = max(site.nodes, key=_index_in(graph))
+    position = site.outputs[0].producer()  # a site's first output is its last computation
+    moved = {} if moved is None else moved
+    site.inputs = [_current(v, moved) for v in site.inputs]
+    for extra in site.extra_nodes:
+        for i, v in enumerate(extra.inputs):
+            if v is not None and v in moved:
+                extra.replace_input_with(i, _current(v, moved))
     if site.op.startswith("onnx::"):
         op_type = site.op.split("::", 1)[1]
         inputs = list(site.inputs)
@@ -67,21 +78,18 @@ def apply_site(model: ir.Model, site: Site) -> ir.Node | None:
     pairs = [(old, new, old.name) for old, new in zip(site.outputs, node.outputs) if old is not None]
     for old, new, _ in pairs:
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    graph.remove(_in_order(graph, site.nodes), safe=True)
+        moved[old] = new
+    graph.remove(list(set(site.nodes)), safe=True)
     for old, new, name in pairs:
         new.name, new.shape, new.type = name, old.shape, old.type
     node.name = f"kernelize/{site.id}"
     return node
 
 
-def _index_in(graph: ir.Graph):
-    order = {n: i for i, n in enumerate(graph)}
-    return lambda n: order[n]
-
-
-def _in_order(graph: ir.Graph, nodes):
-    key = _index_in(graph)
-    return sorted(set(nodes), key=key, reverse=True)
+def _current(value: ir.Value | None, moved: dict) -> ir.Value | None:
+    while value is not None and value in moved:
+        value = moved[value]
+    return value
 
 
 def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], list[NearMiss]]:
@@ -91,6 +99,7 @@ def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], li
     applied: list[Site] = []
     misses: list[NearMiss] = []
     made_by: dict[ir.Node, Site] = {}
+    moved: dict[ir.Value, ir.Value] = {}
     counters: dict[str, int] = {}
     for phase in (0, 1):
         sites, phase_misses = find_sites(model, phase=phase)
@@ -108,7 +117,7 @@ def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], li
                     site.info["decomposed"] = True
             site.index = counters.get(site.kind, 0)
             counters[site.kind] = site.index + 1
-            node = apply_site(model, site)
+            node = apply_site(model, site, moved)
             if node is not None:
                 made_by[node] = site
             applied.append(site)
