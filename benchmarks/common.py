@@ -54,6 +54,7 @@ def write_json(name: str, data: dict) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""How long kernelize.optimize takes on BERT-large-shaped models (24 and 48 layers).
+"""How long kernelize.optimize takes on BERT-large-shaped models (12, 24 and 48 layers).
 
 Each model (hidden 1024, 16 heads, intermediate 4096, vocab 1000, random weights) is
 exported once with kernelize.frontends.torch.capture; the export time is reported apart.
@@ -9,9 +9,11 @@ from report["timings"]:
   rewrite   optimize_s + lower_s   (canonicalize + fuse + lower: the rewrite work)
   verify    verify_s    (numerical check against the original on small shapes)
 
-Targets: rewrite under 5 s for 24 layers, at most 2x that for 48 layers.
+Targets: rewrite under 5 s for 24 layers, and at most 2x when the layer count doubles.
+A 48-layer BERT-large holds 2.4 GB of weights, over protobuf's 2 GB limit, so 12 -> 24
+layers is measured as well; a failure (at export or optimize) is recorded, not hidden.
 
-Run: .venv/bin/python benchmarks/optimize_time.py [--layers 24,48]
+Run: .venv/bin/python benchmarks/optimize_time.py [--layers 12,24,48]
 """
 
 from __future__ import annotations
@@ -46,23 +48,28 @@ def measure(layers: int, seq: int) -> dict:
     from kernelize.frontends.torch import capture
 
     module, inputs, params = bert_large(layers, seq)
+    row = {"layers": layers, "parameters": params}
     start = time.perf_counter()
-    exported = capture(module, inputs)
-    export_s = time.perf_counter() - start
+    try:
+        exported = capture(module, inputs)
+    except KernelizeError as err:
+        row.update(error=f"export: {err}", failed_after_s=time.perf_counter() - start)
+        return row
+    row["export_s"] = time.perf_counter() - start
     del module
     gc.collect()
 
-    row = {"layers": layers, "parameters": params, "export_s": export_s}
     start = time.perf_counter()
     try:
         result = kernelize.optimize(exported, measure_latency=False)
     except KernelizeError as err:
-        row.update(error=str(err), failed_after_s=time.perf_counter() - start)
+        row.update(error=f"optimize: {err}", failed_after_s=time.perf_counter() - start)
         return row
     wall = time.perf_counter() - start
     t = result.report["timings"]
     row.update(
-        load_s=t["capture_s"], canonicalize_fuse_s=t["optimize_s"], lower_s=t["lower_s"],
+        load_s=t["capture_s"], canonicalize_s=t.get("canonicalize_s"), fuse_s=t.get("fuse_s"),
+        canonicalize_fuse_s=t["optimize_s"], lower_s=t["lower_s"],
         verify_s=t["verify_s"], optimize_s=t["optimize_s"] + t["lower_s"], total_wall_s=wall,
         sites=result.report["summary"]["sites"], lowered=result.report["lowered"],
     )
@@ -71,7 +78,7 @@ def measure(layers: int, seq: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="24,48", help="comma-separated layer counts (default 24,48)")
+    parser.add_argument("--layers", default="12,24,48", help="comma-separated layer counts (default 12,24,48)")
     parser.add_argument("--seq", type=int, default=32, help="sequence length of the export example")
     args = parser.parse_args()
     layer_counts = [int(x) for x in args.layers.split(",")]
@@ -82,14 +89,15 @@ def main() -> None:
         rows.append(measure(layers, args.seq))
         gc.collect()
 
-    by_layers = {r["layers"]: r for r in rows if "optimize_s" in r}
+    done = {r["layers"]: r["optimize_s"] for r in rows if "optimize_s" in r}
     targets = {}
-    if 24 in by_layers:
-        targets["optimize_24_under_5s"] = by_layers[24]["optimize_s"] < TARGET_24_S
-    if 24 in by_layers and 48 in by_layers:
-        ratio = by_layers[48]["optimize_s"] / by_layers[24]["optimize_s"]
-        targets["scaling_48_over_24"] = ratio
-        targets["scaling_at_most_2x"] = ratio <= TARGET_SCALING
+    if 24 in done:
+        targets["optimize_24_under_5s"] = done[24] < TARGET_24_S
+    for layers in sorted(done):
+        if 2 * layers in done:
+            ratio = done[2 * layers] / done[layers]
+            targets[f"scaling_{2 * layers}_over_{layers}"] = ratio
+            targets[f"scaling_{2 * layers}_over_{layers}_at_most_2x"] = ratio <= TARGET_SCALING
 
     data = {
         "benchmark": "optimize_time",
@@ -102,11 +110,11 @@ def main() -> None:
     }
     path = write_json("optimize_time", data)
 
-    print(f"\n{'layers':>6} {'params':>8} {'export':>8} {'load':>7} {'rewrite':>8} {'(c+f':>7} "
-          f"{'lower)':>7} {'verify':>7} {'total':>7}   (seconds)")
+    print(f"\n{'layers':>6} {'params':>8} {'export':>8} {'load':>7} {'rewrite':>8} {'= c+f':>7} "
+          f"{'+ lower':>7} {'verify':>7} {'total':>7}   (seconds)")
     for r in rows:
         if "error" in r:
-            print(f"{r['layers']:>6} {r['parameters'] / 1e6:>7.0f}M {r['export_s']:>8.2f}  "
+            print(f"{r['layers']:>6} {r['parameters'] / 1e6:>7.0f}M  "
                   f"FAILED after {r['failed_after_s']:.1f} s: {r['error']}")
             continue
         print(f"{r['layers']:>6} {r['parameters'] / 1e6:>7.0f}M {r['export_s']:>8.2f} {r['load_s']:>7.2f} "

@@ -36,16 +36,21 @@ def lower(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def to_proto(model: ir.Model | onnx.ModelProto, extra_outputs=()) -> onnx.ModelProto:
-    """A ModelProto, optionally exposing intermediate values as extra graph outputs."""
+def serialize(model: ir.Model | onnx.ModelProto, extra_outputs=()) -> bytes:
+    """The model's bytes, with intermediate values exposed as extra graph outputs.
+
+    A ModelProto is changed only for the time of the serialization (no copy of the weights).
+    """
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    if extra_outputs:
-        proto = onnx.ModelProto.FromString(proto.SerializeToString())
-        present = {o.name for o in proto.graph.output}
-        for name in extra_outputs:
-            if name not in present:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return proto
+    present = {o.name for o in proto.graph.output}
+    added = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+             for n in dict.fromkeys(extra_outputs) if n not in present]
+    proto.graph.output.extend(added)
+    try:
+        return proto.SerializeToString()
+    finally:
+        for _ in added:
+            proto.graph.output.pop()
 
 
 def session(model, threads: int = 1, extra_outputs=()):
@@ -57,7 +62,7 @@ def session(model, threads: int = 1, extra_outputs=()):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    data = to_proto(model, extra_outputs).SerializeToString()
+    data = model if isinstance(model, bytes) else serialize(model, extra_outputs)
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception types

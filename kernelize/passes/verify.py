@@ -53,31 +53,35 @@ def random_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0)
     return feeds
 
 
-def compare(reference, candidate, ref_ir: ir.Model, shapes=CHECK_SHAPES, values=(), seed: int = 0):
-    """Max abs difference per graph output and per named intermediate value over ``shapes``.
+def run_at_shapes(model, signature: ir.Model, names=(), shapes=CHECK_SHAPES, seed: int = 0) -> list[dict]:
+    """Run ``model`` (IR, proto or bytes) on random inputs following ``signature`` at each
+    shape; return, per shape, the graph outputs and the named intermediate values."""
+    outputs = [o.name for o in signature.graph.outputs]
+    wanted = outputs + [n for n in dict.fromkeys(names) if n and n not in outputs]
+    sess = ort_backend.session(model, extra_outputs=wanted[len(outputs):])
+    return [ort_backend.run(sess, random_inputs(signature, batch, seq, seed + i), wanted)
+            for i, (batch, seq) in enumerate(shapes)]
 
-    ``reference`` and ``candidate`` are models (IR or proto) with the same inputs/outputs.
-    Returns {"outputs": {name: err}, "values": {name: err}, "shapes": [...]}; "values"
-    covers every requested name, graph outputs included.
+
+def errors(reference: list[dict], candidate: list[dict], names) -> dict[str, float]:
+    """Max abs difference per name over all shapes of two :func:`run_at_shapes` results."""
+    return {n: max(_max_abs(a[n], b[n]) for a, b in zip(reference, candidate)) for n in names}
+
+
+def scale(runs: list[dict], names) -> float:
+    """Largest magnitude among the named values (sets the tolerance of a comparison)."""
+    return max((float(np.max(np.abs(r[n]))) for r in runs for n in names if r[n].size), default=0.0)
+
+
+def compare(reference, candidate, signature: ir.Model, shapes=CHECK_SHAPES, seed: int = 0) -> dict:
+    """Max abs difference per graph output of two models over ``shapes``.
+
+    Returns {"outputs": {name: err}, "output_scale": float, "shapes": [...]}.
     """
-    outputs = [o.name for o in ref_ir.graph.outputs]
-    values = [v for v in dict.fromkeys(values) if v and v not in outputs]
-    ref = ort_backend.session(reference, extra_outputs=values)
-    cand = ort_backend.session(candidate, extra_outputs=values)
-    errors = {n: 0.0 for n in outputs}
-    value_errors = {n: 0.0 for n in values}
-    scale = {n: 0.0 for n in outputs}
-    for i, (batch, seq) in enumerate(shapes):
-        feeds = random_inputs(ref_ir, batch, seq, seed + i)
-        a = ort_backend.run(ref, feeds, outputs + values)
-        b = ort_backend.run(cand, feeds, outputs + values)
-        for n in outputs:
-            errors[n] = max(errors[n], _max_abs(a[n], b[n]))
-            scale[n] = max(scale[n], float(np.max(np.abs(a[n]))) if a[n].size else 0.0)
-        for n in values:
-            value_errors[n] = max(value_errors[n], _max_abs(a[n], b[n]))
-    value_errors.update({n: errors[n] for n in outputs})
-    return {"outputs": errors, "values": value_errors, "output_scale": scale,
+    outputs = [o.name for o in signature.graph.outputs]
+    ref = run_at_shapes(reference, signature, shapes=shapes, seed=seed)
+    cand = run_at_shapes(candidate, signature, shapes=shapes, seed=seed)
+    return {"outputs": errors(ref, cand, outputs), "output_scale": scale(ref, outputs),
             "shapes": [list(s) for s in shapes]}
 
 
