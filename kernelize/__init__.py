@@ -1,8 +1,29 @@
 """kernelize: find attention, normalization and feed-forward subgraphs in transformer models
-and rewrite them into fused (exact) operators, verified against the original."""
+and rewrite them into fused (exact) operators, verified against the original.
 
-from kernelize.api import Result, inspect, optimize  # noqa: F401
+The compiler parts are imported on first use, so that loading an artifact
+(:mod:`kernelize.deploy.runner`) needs neither onnxscript nor torch.
+"""
+
+import importlib
+
 from kernelize.errors import KernelizeError, UsageError  # noqa: F401
-from kernelize.patterns.registry import Rewrite, register_rewrite, unregister_rewrite  # noqa: F401
 
 __version__ = "0.1.0"
+
+_LAZY = {"Result": "kernelize.api", "inspect": "kernelize.api", "optimize": "kernelize.api",
+         "Rewrite": "kernelize.patterns.registry", "register_rewrite": "kernelize.patterns.registry",
+         "unregister_rewrite": "kernelize.patterns.registry"}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernelize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any, Callable
 import onnx
 import onnx_ir as ir
 
-from kernelize import report as report_mod
 from kernelize.backends import BACKENDS
 from kernelize.backends import ort as ort_backend
 from kernelize.errors import KernelizeError, UsageError
@@ -228,28 +226,29 @@ def _apply_custom(model: ir.Model, rewrites) -> tuple[ir.Model, list[dict]]:
     return model, results
 
 
-def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = False) -> Path:
-    """Write model.onnx, report.json and report.txt into a temp folder, then rename it."""
+def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = False,
+                   target: str | dict | None = None) -> Path:
+    """Write the artifact folder through :mod:`kernelize.deploy.artifact`: model.onnx (+
+    model.onnx.data past 1.8 GB), report.json, report.txt and manifest.json (signature,
+    target, versions, rewrites with their errors, SHA-256 of every file), atomically."""
+    from kernelize.deploy import artifact
+
     out_path = Path(out_path)
     parent = out_path.resolve().parent
     if not parent.exists():
         raise KernelizeError(f"parent folder of the output does not exist: {parent}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=parent))
-    try:
-        proto = ir.to_proto(model)
-        if proto.ByteSize() > 1_800_000_000:
-            onnx.save_model(proto, tmp / "model.onnx", save_as_external_data=True,
-                            location="model.onnx.data", all_tensors_to_one_file=True)
-        else:
-            onnx.save_model(proto, tmp / "model.onnx")
-        (tmp / "report.json").write_text(report_mod.dumps(report))
-        (tmp / "report.txt").write_text(report_mod.table(report))
-        if out_path.exists():
-            if not force:
-                raise KernelizeError(f"output folder {out_path} exists (use --force to replace it)")
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_path
+    inputs, outputs = artifact.signature_from_onnx(model)
+    for entry, value in zip(inputs, model.graph.inputs):  # random token ids stay inside the table
+        rows = verify.embedding_rows(model, value)
+        if rows:
+            entry["range"] = [0, int(rows)]
+    proto = ir.to_proto(model)
+    manifest = {"backend": "ort", "inputs": inputs, "outputs": outputs, "target": target,
+                "opsets": {op.domain or "ai.onnx": op.version for op in proto.opset_import}}
+    if proto.ByteSize() <= 1_800_000_000:
+        return artifact.write(out_path, {"model.onnx": proto.SerializeToString()}, manifest, report, force)
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.model.", dir=parent) as tmp:
+        onnx.save_model(proto, Path(tmp) / "model.onnx", save_as_external_data=True,
+                        location="model.onnx.data", all_tensors_to_one_file=True)
+        files = {"model.onnx": Path(tmp) / "model.onnx", "model.onnx.data": Path(tmp) / "model.onnx.data"}
+        return artifact.write(out_path, files, manifest, report, force)

@@ -28,9 +28,17 @@ def _progress(quiet: bool):
     return say
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kernelize.api import RECIPES
+DEPLOY_COMMANDS = ("run", "bench", "deploy", "pack")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; for the deploy commands (``command``) without importing the compiler."""
     from kernelize.backends import BACKENDS
+
+    if command in DEPLOY_COMMANDS:
+        RECIPES = ("exact",)  # only for optimize's help, not shown here
+    else:
+        from kernelize.api import RECIPES
 
     parser = _Parser(prog="kernelize", description="Fuse transformer subgraphs into fast, verified operators.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -52,7 +60,64 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Show which sites kernelize finds, and why near misses were not taken.")
     ins.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_deploy_commands(sub)
     return parser
+
+
+def _add_deploy_commands(sub) -> None:
+    art_help = "an artifact folder (from kernelize optimize) or its .tar.gz"
+    shape_help = ("set a symbolic dim for random inputs, e.g. --shape sequence=64 (repeatable; "
+                  "default: batch dims 1, others 128)")
+
+    run = sub.add_parser("run", help="run an artifact on inputs from .npy/.npz files or random ones",
+                         description="Load an artifact (verified), run it here and save or summarize the outputs. "
+                                     "Needs only onnxruntime (ort artifacts) or the TVM runtime (tvm artifacts).")
+    run.add_argument("artifact", help=art_help)
+    run.add_argument("-i", "--input", help="a .npy (one input) or a .npz keyed by input names")
+    run.add_argument("-o", "--output", help="write the outputs: .npy (one output) or .npz keyed by output names")
+    run.add_argument("--random", action="store_true", help="random inputs following the manifest's signature")
+    run.add_argument("--shape", action="append", default=[], metavar="DIM=N", help=shape_help)
+    run.add_argument("--seed", type=int, default=0, help="seed for --random (default: 0)")
+    run.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+
+    bench = sub.add_parser("bench", help="time an artifact on random inputs",
+                           description="Latency of an artifact here: median, p10/p90 and spread over --runs calls.")
+    bench.add_argument("artifact", help=art_help)
+    bench.add_argument("--runs", type=int, default=20, help="timed runs (default: 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    bench.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+    bench.add_argument("--shape", action="append", default=[], metavar="DIM=N", help=shape_help)
+    bench.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default: 0)")
+    bench.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                       help="print the result as JSON (or write it to FILE)")
+
+    dep = sub.add_parser("deploy", help="upload a tvm artifact to a device over TVM RPC, run and time it there",
+                         description="Upload a tvm artifact to a TVM RPC server (or a device from a tracker's "
+                                     "pool), run it on random inputs and time it there; when the artifact targets "
+                                     "this machine, compare the outputs with a local run.")
+    dep.add_argument("artifact", help=art_help)
+    dep.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server (python -m tvm.exec.rpc_server)")
+    dep.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker pooling devices")
+    dep.add_argument("--key", default="", help="the device key (with --tracker; optional with --rpc)")
+    dep.add_argument("--runs", type=int, default=10, help="timed runs on the device (default: 10)")
+    dep.add_argument("--shape", action="append", default=[], metavar="DIM=N", help=shape_help)
+    dep.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default: 0)")
+    dep.add_argument("--timeout", type=float, default=10.0,
+                     help="seconds allowed for each connection step (default: 10)")
+    dep.add_argument("--no-compare", action="store_true", help="skip the comparison with a local run")
+    dep.add_argument("-o", "--output", help="write the device's outputs: .npy (one output) or .npz")
+    dep.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                     help="print the result as JSON (or write it to FILE)")
+    dep.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+
+    pk = sub.add_parser("pack", help="pack an artifact folder into one .tar.gz (or unpack one)",
+                        description="Verify an artifact folder and write it as a single .tar.gz, or with --unpack "
+                                    "extract and verify an archive into a folder.")
+    pk.add_argument("artifact", help="an artifact folder (or, with --unpack, a .tar.gz)")
+    pk.add_argument("-o", "--output", help="the archive (default: FOLDER.tar.gz beside it) or, with --unpack, the "
+                                          "folder (default: beside the archive)")
+    pk.add_argument("--unpack", action="store_true", help="extract an archive instead")
+    pk.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def _inspect_table(result: dict) -> str:
@@ -67,8 +132,211 @@ def _inspect_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- run, bench, deploy, pack
+
+def _shapes(items) -> dict:
+    from kernelize.errors import UsageError
+
+    shapes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--shape wants DIM=N with N >= 1, got {item!r}")
+        shapes[name.strip()] = int(value)
+    return shapes
+
+
+def _positive(value, flag):
+    from kernelize.errors import UsageError
+
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1")
+
+
+def _read_inputs(path: str, runner) -> dict:
+    import numpy as np
+
+    from kernelize.errors import KernelizeError
+
+    names = [e["name"] for e in runner.inputs]
+    if not os.path.isfile(path):
+        raise KernelizeError(f"input file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad file
+        raise KernelizeError(f"cannot read {path} as .npy/.npz: {str(err).splitlines()[0] if str(err) else err!r}") \
+            from None
+    if isinstance(data, np.ndarray):
+        if len(names) != 1:
+            raise KernelizeError(f"the model takes {len(names)} inputs ({', '.join(names)}): pass a .npz keyed by "
+                                 "input names")
+        return {names[0]: data}
+    with data:
+        return {key: data[key] for key in data.files}
+
+
+def _write_outputs(path: str, outputs: dict) -> None:
+    import numpy as np
+
+    from kernelize.errors import KernelizeError, UsageError
+
+    if not path.endswith((".npy", ".npz")):
+        raise UsageError(f"--output must end in .npy or .npz, got {path!r}")
+    if path.endswith(".npy") and len(outputs) != 1:
+        raise KernelizeError(f"the model has {len(outputs)} outputs ({', '.join(outputs)}): use a .npz")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KernelizeError(f"folder of the output does not exist: {parent}")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if path.endswith(".npy"):
+                np.save(fh, next(iter(outputs.values())))
+            else:
+                np.savez(fh, **outputs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _summary_line(name: str, value) -> str:
+    import numpy as np
+
+    text = f"  {name}: shape {list(value.shape)} {value.dtype}"
+    if value.size and value.dtype.kind in "fiub":
+        as_float = value.astype(np.float64)
+        text += f"  min {as_float.min():.4g} max {as_float.max():.4g} mean {as_float.mean():.4g}"
+    return text
+
+
+def _cmd_run(args) -> int:
+    from kernelize.deploy import runner
+    from kernelize.errors import UsageError
+
+    if bool(args.input) == bool(args.random):
+        raise UsageError("give exactly one of --input FILE or --random")
+    _positive(args.threads, "--threads")
+    shapes = _shapes(args.shape)
+    if shapes and not args.random:
+        raise UsageError("--shape is for --random inputs")
+    if args.output and not args.output.endswith((".npy", ".npz")):
+        raise UsageError(f"--output must end in .npy or .npz, got {args.output!r}")
+    with runner.load(args.artifact, threads=args.threads) as model:
+        feeds = model.random_inputs(shapes, args.seed) if args.random else _read_inputs(args.input, model)
+        outputs = model.run(feeds)
+    if args.output:
+        _write_outputs(args.output, outputs)
+        print(f"wrote {args.output} ({', '.join(outputs)})")
+    else:
+        print("outputs:")
+        for name, value in outputs.items():
+            print(_summary_line(name, value))
+    return 0
+
+
+def _print_json(result: dict, target: str) -> None:
+    from kernelize.deploy.artifact import dumps
+
+    text = dumps(result).rstrip("\n")
+    if target == "-":
+        print(text)
+    else:
+        with open(target, "w") as fh:
+            fh.write(text + "\n")
+
+
+def _latency_line(stats: dict) -> str:
+    return (f"median {stats['median_ms']:.3f} ms, p10 {stats['p10_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms, "
+            f"spread (p90-p10)/median {stats['spread_pct']:.1f}%, min {stats['min_ms']:.3f} ms, "
+            f"max {stats['max_ms']:.3f} ms")
+
+
+def _cmd_bench(args) -> int:
+    from kernelize.deploy import runner
+
+    _positive(args.runs, "--runs")
+    _positive(args.threads, "--threads")
+    if args.warmup < 0:
+        from kernelize.errors import UsageError
+
+        raise UsageError("--warmup must be at least 0")
+    shapes = _shapes(args.shape)
+    with runner.load(args.artifact, threads=args.threads) as model:
+        feeds = model.random_inputs(shapes, args.seed)
+        stats = model.bench(feeds, runs=args.runs, warmup=args.warmup)
+        stats.update(artifact=args.artifact, backend=model.artifact.backend,
+                     target=model.artifact.target.get("preset"))
+    if args.json:
+        _print_json(stats, args.json)
+        if args.json == "-":
+            return 0
+    shape_text = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in stats["shapes"].items())
+    print(f"{args.artifact} ({stats['backend']}, {stats['target']}), inputs {shape_text}, "
+          f"{stats['threads']} thread(s), {stats['runs']} runs:")
+    print(f"  latency {_latency_line(stats)}")
+    return 0
+
+
+def _cmd_deploy(args) -> int:
+    from kernelize.deploy import remote
+
+    _positive(args.runs, "--runs")
+    if not args.timeout > 0:
+        from kernelize.errors import UsageError
+
+        raise UsageError("--timeout must be positive")
+    if args.output and not args.output.endswith((".npy", ".npz")):
+        from kernelize.errors import UsageError
+
+        raise UsageError(f"--output must end in .npy or .npz, got {args.output!r}")
+    result = remote.deploy(args.artifact, rpc=args.rpc, tracker=args.tracker, key=args.key, runs=args.runs,
+                           shapes=_shapes(args.shape), seed=args.seed, timeout=args.timeout,
+                           compare=not args.no_compare, progress=_progress(args.quiet))
+    arrays = result.pop("arrays")
+    if args.output:
+        _write_outputs(args.output, arrays)
+    if args.json:
+        _print_json(result, args.json)
+        if args.json == "-":
+            return 0
+    print(f"deployed {args.artifact} (target {result['target']}) to {result['address']}"
+          + (f" key {result['key']}" if result.get("key") else ""))
+    print("  inputs: " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result["shapes"].items())
+          + f" (random, seed {result['seed']})")
+    print(f"  remote latency over {result['latency']['runs']} runs: {_latency_line(result['latency'])}")
+    check = result["local_check"]
+    if check["status"] == "match":
+        print(f"  outputs match the local run (max abs diff {check['max_abs_diff']:.3g})")
+    else:
+        print(f"  local comparison skipped: {check['reason']}")
+    if args.output:
+        print(f"  wrote {args.output} ({', '.join(arrays)})")
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from kernelize.deploy import artifact
+
+    if args.unpack:
+        folder = artifact.unpack(args.artifact, args.output, force=args.force)
+        print(f"unpacked {folder}")
+    else:
+        archive = artifact.pack(args.artifact, args.output, force=args.force)
+        print(f"wrote {archive}")
+    return 0
+
+
+_DEPLOY_HANDLERS = {"run": _cmd_run, "bench": _cmd_bench, "deploy": _cmd_deploy, "pack": _cmd_pack}
+
+
+def _command_of(argv) -> str | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -88,6 +356,12 @@ def main(argv=None) -> int:
                               progress=_progress(args.quiet))
             print(table(result.report))
             print(f"wrote {result.path}")
+        elif args.command in DEPLOY_COMMANDS:
+            try:
+                return _DEPLOY_HANDLERS[args.command](args)
+            except OSError as err:  # a file the user named: unreadable, unwritable, disk full
+                where = f": {err.filename}" if err.filename else ""
+                raise KernelizeError(f"{(err.strerror or str(err)).lower()}{where}") from None
         else:
             from kernelize.api import inspect
 

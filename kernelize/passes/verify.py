@@ -13,7 +13,7 @@ CHECK_SHAPES = ((1, 7), (2, 13), (3, 32))
 EXACT_ATOL = 1e-4
 
 
-def _embedding_rows(model: ir.Model, value: ir.Value) -> int | None:
+def embedding_rows(model: ir.Model, value: ir.Value) -> int | None:
     """If an int input indexes an embedding table, the table's row count."""
     for use in value.uses():
         node = use.node
@@ -48,7 +48,7 @@ def random_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0)
         elif dtype == np.bool_:
             feeds[name] = np.ones(dims, dtype)
         else:
-            rows = _embedding_rows(model, value)
+            rows = embedding_rows(model, value)
             feeds[name] = rng.integers(0, rows, dims).astype(dtype) if rows else np.zeros(dims, dtype)
     return feeds
 
