@@ -85,15 +85,28 @@ def _sites_report(name, sites, misses) -> dict:
 
 
 def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", backend: str = "ort",
+             target: str = "cpu", shape: dict | None = None, tune_trials: int = 0,
+             tuning_db: str | os.PathLike | None = None,
              output_dir: str | os.PathLike | None = None, force: bool = False,
              measure_latency: bool = True, latency_runs: int = 20, threads: int = 1,
              progress: Callable[[str], None] | None = None) -> Result:
     """Capture, canonicalize, fuse, verify, lower and (optionally) save ``model``.
 
+    ``backend="ort"`` lowers to ONNX Runtime kernels (target ``cpu``); ``backend="tvm"``
+    compiles with Apache TVM for ``target`` (``cpu``, ``cuda``, ``arm64`` or a TVM target as
+    JSON), specialized to ``shape`` ({"batch": B, "seq": S}, default 1 x 128), with
+    ``tune_trials`` MetaSchedule trials recorded in ``tuning_db``.
+
     Returns the optimized model, the artifact path and the report. Raises
     :class:`KernelizeError` for bad input and when an exact rewrite fails verification.
     """
     _check_choices(recipe, backend)
+    if backend == "ort" and target != "cpu":
+        raise UsageError(f"backend ort supports target cpu only (got {target!r}); use --backend tvm")
+    if backend == "tvm":
+        from kernelize.backends import targets as targets_mod
+
+        targets_mod.resolve(target)  # an unknown target fails before any work
     say = progress or (lambda message: None)
     out_path = Path(output_dir) if output_dir is not None else None
     if out_path is not None and out_path.exists() and not force:
@@ -125,10 +138,19 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     timings["optimize_s"] = timings["canonicalize_s"] + timings["fuse_s"]
 
     site_values = [s.outputs[0].name for s in sites if s.nodes]
-    fused = ir.to_proto(ir_model) if site_values else None
-    t = step(f"lowering for {backend}")
-    lowered = ort_backend.lower(ir_model)
-    ir.passes.common.RemoveUnusedNodesPass()(ir_model)
+    fused = ir.to_proto(ir_model) if site_values or backend == "tvm" else None
+    built = None
+    if backend == "tvm":
+        from kernelize.backends import tvm as tvm_backend
+
+        t = step(f"compiling with TVM for {target}")
+        built = tvm_backend.build(fused, target, shape=shape, tune_trials=tune_trials, tuning_db=tuning_db,
+                                  progress=say)
+        lowered = {"tvm_schedules": _count(built.schedules.values())}
+    else:
+        t = step(f"lowering for {backend}")
+        lowered = ort_backend.lower(ir_model)
+        ir.passes.common.RemoveUnusedNodesPass()(ir_model)
     timings["lower_s"] = time.perf_counter() - t
 
     t = step("verifying against the original")
@@ -146,21 +168,74 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
                   tolerance=tolerance, timings=timings)
     report["sites"] = report_sites
 
-    if measure_latency:
+    batch, seq = (shape or {}).get("batch", LATENCY_SHAPE[0]), (shape or {}).get("seq", LATENCY_SHAPE[1])
+    if built is not None:
+        report["tvm"] = {"target": built.target.name, "target_json": built.target.config, "shapes": built.shapes,
+                         "schedules": built.schedules, "tuning": built.tuning, "timings": built.timings}
+        if built.target.runs_here:
+            t = step("verifying the TVM build against ONNX Runtime")
+            drift = tvm_backend.compare_with_onnx(built, canonical)
+            report["tvm"]["max_abs_error_vs_ort"] = drift
+            worst = max(drift.values(), default=0.0)
+            if not worst <= tolerance:
+                raise KernelizeError(f"the TVM build differs from ONNX Runtime by {worst:.3g} "
+                                     f"(tolerance {tolerance:.3g}); this is a kernelize bug")
+            timings["verify_tvm_s"] = time.perf_counter() - t
+        else:
+            report["tvm"]["max_abs_error_vs_ort"] = f"not run: {built.target.name} code cannot run here"
+
+    if measure_latency and (built is None or built.target.runs_here):
         t = step("measuring latency")
-        batch, seq = LATENCY_SHAPE
         feeds = verify.random_inputs(ir_model, batch, seq)
         before = ort_backend.latency_ms(ort_backend.session(original, threads), feeds, latency_runs)
-        after = ort_backend.latency_ms(ort_backend.session(ir_model, threads), feeds, latency_runs)
+        if built is None:
+            after = ort_backend.latency_ms(ort_backend.session(ir_model, threads), feeds, latency_runs)
+        else:
+            after = built.runner(threads=threads).latency_ms(feeds, latency_runs)
         report["latency"] = {"batch": batch, "seq": seq, "threads": threads, "before": before, "after": after,
-                             "speedup": before["median_ms"] / after["median_ms"]}
+                             "speedup": before["median_ms"] / after["median_ms"],
+                             "after_engine": "tvm" if built is not None else "onnxruntime"}
         timings["latency_s"] = time.perf_counter() - t
 
     path = None
     if out_path is not None:
         step(f"writing {out_path}")
-        path = write_artifact(ir_model, report, out_path, force)
+        if built is None:
+            path = write_artifact(ir_model, report, out_path, force)
+        else:
+            path = write_tvm_artifact(built, ir_model, report, out_path, force)
     return Result(ir_model, path, report)
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def write_tvm_artifact(built, model: ir.Model, report: dict, out_path: Path, force: bool = False) -> Path:
+    """The compiled library (``model.so``; ``model.tar`` of objects when the target's cross
+    linker is missing), manifest.json and the report, written atomically."""
+    import shutil
+
+    from kernelize.deploy import artifact
+
+    out_path = Path(out_path)
+    parent = out_path.resolve().parent
+    if not parent.exists():
+        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
+    linker = built.target.linker
+    name = "model.tar" if linker is not None and shutil.which(linker) is None else "model.so"
+    _, outputs = artifact.signature_from_onnx(model)
+    manifest = {"backend": "tvm", "entry": "main", "model": name, "inputs": built.inputs, "outputs": outputs,
+                "target": artifact.describe_target("tvm", preset=built.target.name,
+                                                   string=built.target.describe())}
+    if name == "model.tar":
+        report.setdefault("notes", []).append(f"{linker} not found: object files (model.tar) to link on the device")
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.lib.", dir=parent) as tmp:
+        library = built.export_library(Path(tmp) / name)
+        return artifact.write(out_path, {name: library}, manifest, report, force)
 
 
 def _verify(original, canonical, fused, final: ir.Model, sites, site_values):

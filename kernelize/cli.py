@@ -51,6 +51,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"artifact folder (default: {DEFAULT_OUTPUT})")
     opt.add_argument("--recipe", default="exact", help=f"rewrite recipe: {', '.join(RECIPES)} (default: exact)")
     opt.add_argument("--backend", default="ort", help=f"backend: {', '.join(BACKENDS)} (default: ort)")
+    opt.add_argument("--target", default="cpu",
+                     help="cpu (default), cuda, cuda:sm_90, arm64 or a TVM target as JSON (tvm backend)")
+    opt.add_argument("--shape", default=None, metavar="batch=B,seq=S",
+                     help="shape the tvm build is specialized to (default: batch=1,seq=128)")
+    opt.add_argument("--tune", type=int, default=0, metavar="N",
+                     help="MetaSchedule trials for the tvm cpu target (default: 0, no tuning)")
+    opt.add_argument("--tuning-db", default=None, help="folder of tuning records, reused by later runs")
     opt.add_argument("--force", action="store_true", help="replace an existing output folder")
     opt.add_argument("--threads", type=int, default=1, help="intra-op threads for the latency measurement")
     opt.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
@@ -335,6 +342,21 @@ def _command_of(argv) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _parse_build_shape(text: str | None) -> dict | None:
+    """'batch=1,seq=128' -> {"batch": 1, "seq": 128}."""
+    from kernelize.errors import UsageError
+
+    if not text:
+        return None
+    shape = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--shape expects name=N pairs like batch=1,seq=128, got {text!r}")
+        shape[key.strip()] = int(value)
+    return shape
+
+
 def main(argv=None) -> int:
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
@@ -351,9 +373,13 @@ def main(argv=None) -> int:
 
             if args.threads < 1:
                 raise UsageError("--threads must be at least 1")
-            result = optimize(args.model, recipe=args.recipe, backend=args.backend, output_dir=args.output,
-                              force=args.force, measure_latency=not args.no_latency, threads=args.threads,
-                              progress=_progress(args.quiet))
+            if args.tune < 0:
+                raise UsageError("--tune must be at least 0")
+            result = optimize(args.model, recipe=args.recipe, backend=args.backend, target=args.target,
+                              shape=_parse_build_shape(args.shape), tune_trials=args.tune,
+                              tuning_db=args.tuning_db or (".kernelize-tuning" if args.tune else None),
+                              output_dir=args.output, force=args.force, measure_latency=not args.no_latency,
+                              threads=args.threads, progress=_progress(args.quiet))
             print(table(result.report))
             print(f"wrote {result.path}")
         elif args.command in DEPLOY_COMMANDS:

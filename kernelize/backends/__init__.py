@@ -1,3 +1,3 @@
-"""Backends: run, time and save the optimized IR (ONNX Runtime now; TVM to come)."""
+"""Backends: run, time and save the optimized IR: ONNX Runtime (ort) or Apache TVM (tvm)."""
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "tvm")
