@@ -101,8 +101,8 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     :class:`KernelizeError` for bad input and when an exact rewrite fails verification.
     """
     _check_choices(recipe, backend)
-    if backend == "ort" and target != "cpu":
-        raise UsageError(f"backend ort supports target cpu only (got {target!r}); use --backend tvm")
+    if backend == "ort" and target not in ("cpu", "arm64"):
+        raise UsageError(f"backend ort supports targets cpu and arm64 (got {target!r}); use --backend tvm")
     if backend == "tvm":
         from kernelize.backends import targets as targets_mod
 
@@ -201,7 +201,7 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     if out_path is not None:
         step(f"writing {out_path}")
         if built is None:
-            path = write_artifact(ir_model, report, out_path, force)
+            path = write_artifact(ir_model, report, out_path, force, target=target)
         else:
             path = write_tvm_artifact(built, ir_model, report, out_path, force)
     return Result(ir_model, path, report)
@@ -320,6 +320,14 @@ def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = 
     proto = ir.to_proto(model)
     manifest = {"backend": "ort", "inputs": inputs, "outputs": outputs, "target": target,
                 "opsets": {op.domain or "ai.onnx": op.version for op in proto.opset_import}}
+    if target == "arm64":  # ONNX Runtime's mobile format beside the ONNX file (portable: no arch)
+        data = proto.SerializeToString()
+        with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.ort.", dir=parent) as tmp:
+            mobile = Path(tmp) / "model.ort"
+            ort_backend.save_ort_format(data, mobile)
+            manifest["target"] = artifact.describe_target("ort", preset="arm64")
+            manifest["mobile_model"] = "model.ort"
+            return artifact.write(out_path, {"model.onnx": data, "model.ort": mobile}, manifest, report, force)
     if proto.ByteSize() <= 1_800_000_000:
         return artifact.write(out_path, {"model.onnx": proto.SerializeToString()}, manifest, report, force)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.model.", dir=parent) as tmp:

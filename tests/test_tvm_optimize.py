@@ -54,9 +54,27 @@ def test_tvm_arm64_artifact_is_an_aarch64_shared_object(encoder, tmp_path):
 
 
 def test_ort_backend_refuses_other_targets(capsys, tmp_path):
-    code = main(["optimize", "kernelize.models.minilm:build", "--target", "arm64", "-o", str(tmp_path / "o"), "-q"])
+    code = main(["optimize", "kernelize.models.minilm:build", "--target", "cuda", "-o", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err
-    assert code == 2 and "supports target cpu only" in err and not (tmp_path / "o").exists()
+    assert code == 2 and "supports targets cpu and arm64" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_ort_arm64_artifact_has_a_loadable_ort_model(encoder, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "mobile"
+    kernelize.optimize(encoder, (torch.randn(2, 9, 32),), backend="ort", target="arm64", output_dir=out,
+                       measure_latency=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mobile_model"] == "model.ort" and "model.ort" in manifest["files"]
+    assert (out / "model.ort").read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier
+    x = np.random.default_rng(1).standard_normal((3, 11, 32)).astype(np.float32)
+    mobile = ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = mobile.get_inputs()[0].name
+    got, expected = mobile.run(None, {name: x})[0], full.run(None, {name: x})[0]
+    assert np.max(np.abs(got - expected)) <= 1e-5
 
 
 def test_unknown_tvm_target_is_a_usage_error(capsys, tmp_path):
