@@ -109,8 +109,10 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
         targets_mod.resolve(target)  # an unknown target fails before any work
     say = progress or (lambda message: None)
     out_path = Path(output_dir) if output_dir is not None else None
-    if out_path is not None and out_path.exists() and not force:
-        raise KernelizeError(f"output folder {out_path} exists (use --force to replace it)")
+    if out_path is not None:  # fail before any work
+        from kernelize.deploy.artifact import output_parent
+
+        output_parent(out_path, force)
     timings: dict[str, float] = {}
 
     def step(label):
@@ -222,9 +224,7 @@ def write_tvm_artifact(built, model: ir.Model, report: dict, out_path: Path, for
     from kernelize.deploy import artifact
 
     out_path = Path(out_path)
-    parent = out_path.resolve().parent
-    if not parent.exists():
-        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
+    parent = artifact.output_parent(out_path, force)
     linker = built.target.linker
     name = "model.tar" if linker is not None and shutil.which(linker) is None else "model.so"
     _, outputs = artifact.signature_from_onnx(model)
@@ -309,9 +309,7 @@ def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = 
     from kernelize.deploy import artifact
 
     out_path = Path(out_path)
-    parent = out_path.resolve().parent
-    if not parent.exists():
-        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
+    parent = artifact.output_parent(out_path, force)
     inputs, outputs = artifact.signature_from_onnx(model)
     for entry, value in zip(inputs, model.graph.inputs):  # random token ids stay inside the table
         rows = verify.embedding_rows(model, value)

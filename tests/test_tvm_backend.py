@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import zlib
 
 import numpy as np
 import onnx
@@ -34,39 +33,13 @@ ELF_AARCH64 = 183
 
 
 # -- helpers ------------------------------------------------------------------------------
-def rng_for(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def normal(rng, *shape, scale=1.0) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+from test_ops import build, normal, rng_for  # noqa: E402  (the one-node models of the ORT tests)
 
 
 def one_node_model(op: ops.Operator, args: list[tuple[str, np.ndarray | None]], attrs: dict,
                    consts: set[str] = frozenset()):
-    """One node of ``op`` in a fresh model; a name used twice is the same value (self-attention);
-    names in ``consts`` become initializers. Returns (model, feeds)."""
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 20}, name=f"one_{op.name}")
-    model = ir.Model(graph, ir_version=10)
-    created: dict[str, ir.Value] = {}
-    feeds: dict[str, np.ndarray] = {}
-    for name, array in args:
-        if array is None or name in created:
-            continue
-        if name in consts:
-            value = add_initializer(graph, ir.Value(name=name, const_value=ir.tensor(array)))
-        else:
-            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
-            graph.inputs.append(value)
-            feeds[name] = array
-        created[name] = value
-    inputs = [None if array is None else created[name] for name, array in args]
-    node = op.make_node(model, inputs, attrs, name=f"{op.name}_under_test")
-    graph.append(node)
-    for out, name in zip(node.outputs, op.outputs):
-        out.name = name
-        out.type = ir.TensorType(ir.DataType.FLOAT)
-        graph.outputs.append(out)
+    """One node of ``op`` in a fresh model (see test_ops.build). Returns (model, feeds)."""
+    model, feeds, _ = build(op, args, attrs, consts)
     return model, feeds
 
 

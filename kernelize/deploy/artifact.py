@@ -327,6 +327,18 @@ def _signature_entries(entries: Any, what: str) -> list[dict]:
     return out
 
 
+def output_parent(out_path: Path, force: bool = False) -> Path:
+    """The folder a new output folder goes into; refuses an existing output without force
+    and a missing parent (one-line errors)."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise KernelizeError(f"output folder {out_path} exists (use --force to replace it)")
+    parent = out_path.resolve().parent
+    if not parent.is_dir():
+        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
+    return parent
+
+
 def write(out_path: str | os.PathLike, files: Mapping[str, bytes | str | os.PathLike],
           manifest_fields: Mapping[str, Any], report: Mapping | None, force: bool = False) -> Path:
     """Write an artifact folder atomically and return its path.
@@ -357,12 +369,7 @@ def write(out_path: str | os.PathLike, files: Mapping[str, bytes | str | os.Path
                                     device=target.get("device"), arch=target.get("arch"),
                                     os_name=target.get("os")), **{k: v for k, v in target.items() if v is not None}}
         target["arch"] = normalize_arch(target.get("arch"))
-    if out_path.exists() and not force:
-        raise KernelizeError(f"output folder {out_path} exists (use --force to replace it)")
-    parent = out_path.resolve().parent
-    if not parent.is_dir():
-        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
-
+    parent = output_parent(out_path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=parent))
     try:
         contents = dict(files)
@@ -649,11 +656,7 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike | None = None, fo
         base = archive.name[: -len(ARCHIVE_SUFFIX)] if archive.name.endswith(ARCHIVE_SUFFIX) else archive.stem
         dest = archive.resolve().parent / base
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise KernelizeError(f"output folder {dest} exists (use --force to replace it)")
-    parent = dest.resolve().parent
-    if not parent.is_dir():
-        raise KernelizeError(f"parent folder of the output does not exist: {parent}")
+    parent = output_parent(dest, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
     try:
         folder = _extract(archive, tmp)
