@@ -2,15 +2,16 @@
 
 Every operator has four parts that agree with each other: its schema (inputs,
 attributes), a NumPy reference, an ONNX function body in standard ops (so any ONNX
-runtime can run the model) and, where a backend has a faster kernel, a lowering to it.
+runtime can run the model) and a TVM lowering; where a backend has a faster kernel, a
+lowering to it. Every module in this package is imported here, which registers its
+operators; modules that only hold shared helpers define none.
 """
 
+import importlib
+import pkgutil
+
 from kernelize.ops.base import DOMAIN, Operator, get, registered  # noqa: F401
-from kernelize.ops import (  # noqa: F401  (importing registers each operator)
-    attention,
-    feed_forward,
-    gated_feed_forward,
-    multi_head_attention,
-    rms_norm,
-    skip_layer_norm,
-)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")

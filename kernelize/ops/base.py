@@ -134,3 +134,33 @@ def swap_in(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node]) -> None:
     graph.remove(old, safe=True)
     replacement.name = name
     replacement.shape, replacement.type = out.shape, out.type
+
+
+def emit_length_dispatch(tape: ir.tape.Tape, query: ir.Value, exact_below: int,
+                         exact: Callable[[ir.tape.Tape], ir.Value],
+                         approximate: Callable[[ir.tape.Tape], ir.Value]) -> ir.Value:
+    """``exact`` below ``exact_below`` query positions (axis -2 of ``query``), else
+    ``approximate``: an ONNX ``If`` whose branches each emit into their own tape.
+    With ``exact_below <= 0`` only the approximate computation is emitted."""
+    if exact_below <= 0:
+        return approximate(tape)
+    branches = {}
+    for key, emit in (("then_branch", exact), ("else_branch", approximate)):
+        sub = ir.tape.Tape()
+        out = emit(sub)
+        for i, node in enumerate(sub.nodes):  # unique names: the branches share one scope
+            for j, value in enumerate(node.outputs):
+                value.name = f"{key}_{i}_{j}"
+        branches[key] = ir.Graph([], [out], nodes=sub.nodes, name=key)
+    shape = tape.op("Shape", [query], {"start": -2, "end": -1})
+    length = tape.op("Squeeze", [shape, const(tape, [0], np.int64)])
+    short = tape.op("Less", [length, const(tape, exact_below, np.int64)])
+    return tape.op("If", [short], branches)
+
+
+def lower_length_dispatch(query, exact_below: int, exact: Callable[[], object],
+                          approximate: Callable[[], object]):
+    """The TVM side of :func:`emit_length_dispatch`: shapes are static there, so the branch
+    is chosen while lowering."""
+    length = int(query.struct_info.shape[-2])
+    return exact() if length < exact_below else approximate()

@@ -26,6 +26,25 @@ class AttentionPattern(Pattern):
     roots = ("Softmax",)
 
     def match(self, softmax: ir.Node, model: ir.Model):
+        core = self.core(softmax, model)
+        if isinstance(core, str) or core is None:
+            return core
+        q, k, v, bias = core.inputs
+        block = _multi_head_block(q, k, v, core.outputs[0])
+        if not isinstance(block, str):
+            inputs, out, block_nodes, heads = block
+            block = is_internal(core.nodes + block_nodes, keep=[out]) or block
+        if isinstance(block, str):  # only the core: Q, K, V already split into heads
+            core.info["projections"] = f"not fused: {block}"
+            return core
+        info = {**core.info, "projections": "fused", "heads": heads}
+        return Site(self.kind, "multi_head_attention", "MultiHeadAttention", core.nodes + block_nodes,
+                    inputs + [bias], [out], {"num_heads": heads, "scale": core.attrs["scale"]}, info,
+                    core.extra_nodes)
+
+    def core(self, softmax: ir.Node, model: ir.Model):
+        """The attention core alone (``kernelize.Attention`` on head-split Q, K, V), or the
+        reason it does not match; the approximate rewrites replace this part."""
         scores = softmax.inputs[0]
         r = rank(scores)
         if r is None:
@@ -103,17 +122,8 @@ class AttentionPattern(Pattern):
                 "scale": scale, "mask": mask_kind}
         if isinstance(head_size, int):
             info["scale_is_default"] = math.isclose(scale, head_size ** -0.5, rel_tol=1e-6)
-        block = _multi_head_block(q, k, v, pv.outputs[0])
-        if not isinstance(block, str):
-            inputs, out, block_nodes, heads = block
-            block = is_internal(nodes + block_nodes, keep=[out]) or block
-        if isinstance(block, str):  # only the core: Q, K, V already split into heads
-            info["projections"] = f"not fused: {block}"
-            return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
-                        {"scale": scale}, info, extra)
-        info.update(projections="fused", heads=heads)
-        return Site(self.kind, "multi_head_attention", "MultiHeadAttention", nodes + block_nodes,
-                    inputs + [bias], [out], {"num_heads": heads, "scale": scale}, info, extra)
+        return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],
+                    {"scale": scale}, info, extra)
 
 
 def _is_causal(bias: ir.Value) -> bool:

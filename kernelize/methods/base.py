@@ -1,0 +1,98 @@
+"""What an approximation method provides, and the activations it is calibrated on."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+METHODS: dict[str, "Method"] = {}
+
+
+@dataclasses.dataclass
+class CapturedAttention:
+    """One attention site's inputs over the calibration samples (head-split tensors).
+
+    ``bias`` is the additive mask as the model computes it, broadcastable to
+    ``[N, H, S, Sk]`` (0 keeps, a large negative number drops), or None.
+    """
+
+    query: np.ndarray  # [N, H, S, D] float32
+    key: np.ndarray  # [N, H, Sk, D]
+    value: np.ndarray  # [N, H, Sk, Dv]
+    bias: np.ndarray | None
+    scale: float
+    causal: bool  # the mask is the causal one (possibly plus padding)
+
+    def take(self, index) -> "CapturedAttention":
+        """The samples ``index`` (a slice or index array over N)."""
+        bias = None
+        if self.bias is not None:
+            bias = self.bias[index] if self.bias.shape[0] == self.query.shape[0] else self.bias
+        return dataclasses.replace(self, query=self.query[index], key=self.key[index],
+                                   value=self.value[index], bias=bias)
+
+
+@dataclasses.dataclass
+class CapturedProjection:
+    """One projection site ``y = x @ weight + bias`` over the calibration samples."""
+
+    x: np.ndarray  # [tokens, in_features] float32 (padding tokens removed)
+    weight: np.ndarray  # [in_features, out_features]
+    bias: np.ndarray | None  # [out_features]
+
+
+@dataclasses.dataclass
+class Fitted:
+    """A calibrated operator call for one site.
+
+    ``inputs`` are the weights that follow the site's own inputs in the operator's schema
+    (attention: after query, key, value, bias; projection: after x), in schema order,
+    None for an absent optional one. ``info`` is shown in the report (features, window,
+    recall, ...).
+    """
+
+    method: str
+    op: str
+    attrs: dict[str, Any]
+    inputs: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def reference(self, *site_inputs):
+        """The operator's NumPy reference on the site's inputs."""
+        from kernelize import ops
+
+        return ops.get(self.op).reference(*site_inputs, *self.inputs, **self.attrs)
+
+
+class Method(abc.ABC):
+    """One approximation, e.g. ``linear:hedgehog`` or ``sparse:window``.
+
+    ``kind`` is the site kind it applies to ("attention" or "projection").
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    causal_ok: ClassVar[bool] = True  # can handle a causal site
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            METHODS[cls.name] = cls()
+
+    @abc.abstractmethod
+    def fit(self, captured, **options) -> Fitted | str:
+        """Calibrate on ``captured``; a string says why the method does not apply."""
+
+    @abc.abstractmethod
+    def cost(self, fitted: Fitted, shape: dict[str, int]) -> float:
+        """Multiply-adds of one call at ``shape`` (attention: batch, heads, seq, head_size;
+        projection: tokens, in_features, out_features)."""
+
+
+def exact_attention_cost(shape: dict[str, int]) -> float:
+    """Multiply-adds of exact attention: Q K^T and P V."""
+    b, h, s, d = shape["batch"], shape["heads"], shape["seq"], shape["head_size"]
+    return 2.0 * b * h * s * s * d
