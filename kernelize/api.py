@@ -21,7 +21,7 @@ from kernelize.passes.canonicalize import canonicalize
 from kernelize.passes.fuse import find_sites, fuse
 from kernelize.patterns.registry import custom_rewrites
 
-RECIPES = ("exact",)
+RECIPES = ("exact", "fast", "edge")  # fast: approximate attention; edge: approximate projections
 LATENCY_SHAPE = (1, 128)  # (batch, sequence) for the before/after latency
 
 
@@ -67,12 +67,32 @@ def _check_choices(recipe: str, backend: str) -> None:
         raise UsageError(f"unknown backend {backend!r} (choose from: {', '.join(BACKENDS)})")
 
 
-def inspect(model: Any, example_inputs: Any = None) -> dict:
-    """Sites found (after canonicalization) and near misses, without rewriting."""
+def inspect(model: Any, example_inputs: Any = None, *, calib: Any = None, recipe: str | None = None,
+            rewrites: list[str] | None = None, layers: str | None = None, metric: Any = None,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Sites found (after canonicalization) and near misses, without rewriting.
+
+    With ``calib`` (or a ``recipe`` other than exact, or ``rewrites``), also every candidate
+    approximate rewrite per site: its site error, end-to-end error and estimated and
+    measured speed on the calibration inputs (synthesized when ``calib`` is None).
+    """
     ir_model, name = load_model(model, example_inputs)
     canonicalize(ir_model)
+    candidates = None
+    if calib is not None or (recipe not in (None, "exact")) or rewrites:
+        from kernelize.passes import approximate, select
+
+        if recipe is not None:
+            _check_choices(recipe, "ort")
+        _, candidates = select.approximate_model(
+            ir_model, recipe or "fast", calib=calib, rewrites=approximate.parse_rewrites(rewrites) or None,
+            layers=approximate.parse_layers(layers), metric=metric, select=False, say=progress or (lambda m: None))
+        ir_model = ir.from_proto(ir.to_proto(ir_model))
     sites, misses = fuse(ir_model)
-    return _sites_report(name, sites, misses)
+    report = _sites_report(name, sites, misses)
+    if candidates is not None:
+        report["approximate"] = candidates
+    return report
 
 
 def _sites_report(name, sites, misses) -> dict:
@@ -89,6 +109,8 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
              tuning_db: str | os.PathLike | None = None,
              output_dir: str | os.PathLike | None = None, force: bool = False,
              measure_latency: bool = True, latency_runs: int = 20, threads: int = 1,
+             calib: Any = None, max_error: float | None = None, rewrites: list[str] | None = None,
+             layers: str | None = None, metric: Any = None, method_options: dict | None = None,
              progress: Callable[[str], None] | None = None) -> Result:
     """Capture, canonicalize, fuse, verify, lower and (optionally) save ``model``.
 
@@ -97,10 +119,24 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     JSON), specialized to ``shape`` ({"batch": B, "seq": S}, default 1 x 128), with
     ``tune_trials`` MetaSchedule trials recorded in ``tuning_db``.
 
+    ``recipe="fast"`` (approximate attention) or ``"edge"`` (approximate projections), or
+    ``rewrites`` such as ``["attention=linear:hedgehog"]``, calibrate on ``calib`` (an
+    ``.npz`` path or a dict of arrays with samples on axis 0; synthesized from the signature
+    when None) and keep the fastest rewrites whose end-to-end error, by ``metric``
+    ("relative_l2", "cosine" or a function ``(reference, candidate, feeds) -> float`` of
+    output dicts), stays within ``max_error``; ``layers`` ("3-5") limits the sites.
+
     Returns the optimized model, the artifact path and the report. Raises
     :class:`KernelizeError` for bad input and when an exact rewrite fails verification.
     """
     _check_choices(recipe, backend)
+    approximating = recipe != "exact" or bool(rewrites)
+    if approximating:  # bad specifications fail before any work
+        from kernelize.passes import approximate, select
+
+        rewrite_spec = approximate.parse_rewrites(rewrites) or None
+        layer_set = approximate.parse_layers(layers)
+        select.resolve_metric(metric)
     if backend == "ort" and target not in ("cpu", "arm64"):
         raise UsageError(f"backend ort supports targets cpu and arm64 (got {target!r}); use --backend tvm")
     if backend == "tvm":
@@ -133,6 +169,13 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
         t = step(f"applying {len(rewrites)} custom rewrite(s)")
         ir_model, custom = _apply_custom(ir_model, rewrites)
         timings["custom_s"] = time.perf_counter() - t
+    approx_section = None
+    if approximating:
+        t = step(f"approximate rewrites ({recipe})")
+        ir_model, approx_section = select.approximate_model(
+            ir_model, recipe, calib=calib, max_error=max_error, rewrites=rewrite_spec, layers=layer_set,
+            metric=metric, method_options=method_options, say=say)
+        timings["approximate_s"] = time.perf_counter() - t
     canonical = ir.to_proto(ir_model)  # the reference for the per-site checks
     t = step("fusing")
     sites, misses = fuse(ir_model)
@@ -169,6 +212,8 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
                   lowered=lowered, custom_rewrites=custom, end_to_end=end_to_end,
                   tolerance=tolerance, timings=timings)
     report["sites"] = report_sites
+    if approx_section is not None:
+        report["approximate"] = approx_section
 
     batch, seq = (shape or {}).get("batch", LATENCY_SHAPE[0]), (shape or {}).get("seq", LATENCY_SHAPE[1])
     if built is not None:

@@ -62,13 +62,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--threads", type=int, default=1, help="intra-op threads for the latency measurement")
     opt.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     opt.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    _add_approximate_options(opt, budget=True)
 
     ins = sub.add_parser("inspect", help="list the attention/norm/FFN sites and near misses",
                          description="Show which sites kernelize finds, and why near misses were not taken.")
     ins.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.add_argument("--recipe", default=None,
+                     help="with fast or edge: list each candidate approximate rewrite per site")
+    ins.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    _add_approximate_options(ins, budget=False)
     _add_deploy_commands(sub)
     return parser
+
+
+def _add_approximate_options(parser, budget: bool) -> None:
+    parser.add_argument("--calib", default=None, metavar="INPUTS.npz",
+                        help="calibration inputs for approximate rewrites: one array per model input, samples on "
+                             "axis 0 (default: synthesized from the model's signature)")
+    parser.add_argument("--rewrite", action="append", default=None, metavar="KIND=METHOD",
+                        help="approximate rewrite(s) to use, e.g. attention=linear:hedgehog, attention=sparse, "
+                             "projection=shiftadd|lut (repeatable)")
+    parser.add_argument("--layers", default=None, metavar="3-5", help="only sites in these layers")
+    parser.add_argument("--metric", default=None, help="end-to-end error metric: relative_l2 (default) or cosine")
+    if budget:
+        parser.add_argument("--max-error", type=float, default=None, metavar="E",
+                            help="end-to-end error budget of the approximate rewrites (default 0.01; with "
+                                 "--rewrite and no --max-error the named rewrites are applied as asked)")
 
 
 def _add_deploy_commands(sub) -> None:
@@ -136,6 +156,10 @@ def _inspect_table(result: dict) -> str:
     lines.append("sites: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     for miss in result["near_misses"]:
         lines.append(f"  near miss: {miss['pattern']} at {miss['node']}: {miss['reason']}")
+    if "approximate" in result:
+        from kernelize.report import approximate_table
+
+        lines += ["", approximate_table(result["approximate"])]
     return "\n".join(lines)
 
 
@@ -379,7 +403,9 @@ def main(argv=None) -> int:
                               shape=_parse_build_shape(args.shape), tune_trials=args.tune,
                               tuning_db=args.tuning_db or (".kernelize-tuning" if args.tune else None),
                               output_dir=args.output, force=args.force, measure_latency=not args.no_latency,
-                              threads=args.threads, progress=_progress(args.quiet))
+                              threads=args.threads, calib=args.calib, max_error=args.max_error,
+                              rewrites=args.rewrite, layers=args.layers, metric=args.metric,
+                              progress=_progress(args.quiet))
             print(table(result.report))
             print(f"wrote {result.path}")
         elif args.command in DEPLOY_COMMANDS:
@@ -391,7 +417,8 @@ def main(argv=None) -> int:
         else:
             from kernelize.api import inspect
 
-            result = inspect(args.model)
+            result = inspect(args.model, calib=args.calib, recipe=args.recipe, rewrites=args.rewrite,
+                             layers=args.layers, metric=args.metric, progress=_progress(args.quiet or args.json))
             print(json.dumps(result, indent=2, default=str) if args.json else _inspect_table(result))
     except UsageError as err:
         print(f"kernelize: error: {err}", file=sys.stderr)

@@ -25,6 +25,8 @@ def table(report: dict) -> str:
             lines.append(f"  {miss['pattern']} at {miss['node']}: {miss['reason']}")
     for rewrite in report.get("custom_rewrites", []):
         lines.append(f"custom rewrite {rewrite['name']}: {rewrite['status']} ({rewrite['detail']})")
+    if report.get("approximate"):
+        lines += ["", approximate_table(report["approximate"])]
     e2e = report.get("end_to_end")
     if e2e:
         worst = max(e2e["outputs"].values()) if e2e["outputs"] else 0.0
@@ -35,6 +37,37 @@ def table(report: dict) -> str:
                      f"{lat['before']['runs']}): before {lat['before']['median_ms']:.2f} ms, after "
                      f"{lat['after']['median_ms']:.2f} ms, speedup {lat['speedup']:.2f}x")
     return "\n".join(lines) + "\n"
+
+
+def approximate_table(section: dict) -> str:
+    """Per site and candidate: site error, end-to-end error, estimated and measured speed."""
+    budget = section.get("max_error")
+    lines = [f"approximate rewrites ({section['mode']}; metric {section['metric']}"
+             + (f" <= {budget:g}" if budget is not None else "") + f"; calibration {section['calibration']})"]
+    header = (f"  {'site':<16} {'layer':>5}  {'method':<18} {'site err':>9} {'e2e err':>9} {'est x':>7} "
+              f"{'meas x':>7}  status")
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for site in section.get("sites", []):
+        for c in site["candidates"]:
+            mark = "*" if site.get("chosen") == c["method"] else " "
+            if c["status"] == "not applicable":
+                lines.append(f" {mark}{site['id']:<16} {_num(site['layer'], 'd'):>5}  {c['method']:<18} "
+                             f"{'-':>9} {'-':>9} {'-':>7} {'-':>7}  {c['reason']}")
+                continue
+            lines.append(f" {mark}{site['id']:<16} {_num(site['layer'], 'd'):>5}  {c['method']:<18} "
+                         f"{_num(c['site_error']):>9} {_num(c['end_to_end_error']):>9} "
+                         f"{_num(c['estimated_speedup'], '.2f'):>7} {_num(c['measured_speedup'], '.2f'):>7}  "
+                         f"{c['status']}")
+        if site.get("chosen") is None and site.get("why_exact") not in (None, "inspection only"):
+            lines.append(f"  {site['id']:<16} stays exact: {site['why_exact']}")
+    for b in section.get("backed_off", []):
+        lines.append(f"  backed off: {b['method']} at {b['site']} (combined error {b['combined_error']:.3g})")
+    lines.append(f"  {section.get('summary', '')}")
+    return "\n".join(lines)
+
+
+def _num(value, fmt: str = ".3g") -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _short(value) -> str:

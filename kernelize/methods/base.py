@@ -25,6 +25,7 @@ class CapturedAttention:
     bias: np.ndarray | None
     scale: float
     causal: bool  # the mask is the causal one (possibly plus padding)
+    rel_bias: np.ndarray | None = None  # [H, 2S-1] Toeplitz relative-position bias, when the site has one
 
     def take(self, index) -> "CapturedAttention":
         """The samples ``index`` (a slice or index array over N)."""
