@@ -80,7 +80,7 @@ class Method(abc.ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not getattr(cls, "__abstractmethods__", None):
+        if "name" in cls.__dict__:  # a concrete method names itself; shared bases do not
             METHODS[cls.name] = cls()
 
     @abc.abstractmethod

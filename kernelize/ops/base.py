@@ -30,7 +30,7 @@ class Operator(abc.ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not getattr(cls, "__abstractmethods__", None):
+        if "name" in cls.__dict__:  # a concrete operator names itself; shared bases do not
             _REGISTRY[cls.name] = cls()
 
     # -- the four parts -------------------------------------------------------------
@@ -162,5 +162,5 @@ def lower_length_dispatch(query, exact_below: int, exact: Callable[[], object],
                           approximate: Callable[[], object]):
     """The TVM side of :func:`emit_length_dispatch`: shapes are static there, so the branch
     is chosen while lowering."""
-    length = int(query.struct_info.shape[-2])
+    length = int(query.ty.shape[-2])  # TVM 0.27: a Relax expression's type carries its shape
     return exact() if length < exact_below else approximate()

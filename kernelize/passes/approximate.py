@@ -250,7 +250,9 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
         site = s.site
         if s.kind == "attention":
             q, k, v, bias = (values[x.name] if x is not None else None for x in site.inputs)
-            entry = CapturedAttention(q, k, v, bias, float(site.attrs["scale"]), site.info.get("mask") == "causal")
+            causal = _is_causal(s)
+            # a causal mask is the operators' ``causal`` attribute, not a bias
+            entry = CapturedAttention(q, k, v, None if causal else bias, float(site.attrs["scale"]), causal)
             captured[s.id] = entry
             if _has_toeplitz(s):  # what the RPE methods see: the Toeplitz vector and the remaining mask
                 rel = values[s.toeplitz.rel_bias.name]
@@ -274,6 +276,11 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
 def rpe_key(site_id: str) -> str:
     """Key of a site's activations as the relative-position methods see them."""
     return f"{site_id}/rpe"
+
+
+def _is_causal(s: ApproxSite) -> bool:
+    """The site's mask is exactly the causal one (then it becomes the ``causal`` attribute)."""
+    return s.kind == "attention" and s.site.info.get("mask") == "causal"
 
 
 def _has_toeplitz(s: ApproxSite) -> bool:
@@ -317,7 +324,12 @@ def exact_output(s: ApproxSite, captured) -> np.ndarray:
 
 
 def _exact_attention(c: CapturedAttention) -> np.ndarray:
-    return ops.get("Attention").reference(c.query, c.key, c.value, c.bias, scale=c.scale)
+    bias = c.bias
+    if c.causal:
+        s, sk = c.query.shape[-2], c.key.shape[-2]
+        causal = np.where(np.tril(np.ones((s, sk), bool), sk - s), 0.0, -np.inf)
+        bias = causal if bias is None else bias + causal
+    return ops.get("Attention").reference(c.query, c.key, c.value, bias, scale=c.scale)
 
 
 def site_inputs(s: ApproxSite, captured, fitted: Fitted) -> list:
@@ -393,7 +405,7 @@ def rewrite(model: ir.Model, sites: list[ApproxSite], choices: dict[str, Fitted]
         if s.kind == "attention":
             q, k, v, bias = core.inputs
             inputs = [q, k, v, s.toeplitz.rel_bias, s.toeplitz.mask] if fitted.op == "RPEAttention" \
-                else [q, k, v, bias]
+                else [q, k, v, None if _is_causal(s) else bias]
         else:
             inputs = [core.inputs[0]]
         site = Site(s.kind, fitted.method, fitted.op, core.nodes, inputs + weights, core.outputs,

@@ -120,10 +120,11 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             if c.fitted is None:
                 continue
             c.measured_speedup = approximate.measure_speedup(s, view, c.fitted)
-            if not forced and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
+            screen = select and not forced  # inspection measures every candidate
+            if screen and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
                 c.reason = f"site error {c.site_error:.3g} > {HOPELESS_SITE_ERROR}: end-to-end run skipped"
                 continue
-            if not forced and c.measured_speedup < 1.0:
+            if screen and c.measured_speedup < 1.0:
                 c.reason = f"slower than exact at seq {calib.seq} (measured x{c.measured_speedup:.2f})"
                 continue
             say(f"  {s.id}: end-to-end error of {c.method}")

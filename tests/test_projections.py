@@ -1,0 +1,250 @@
+"""Multiplication-free projections (issue 6): ShiftAddLinear and LUTLinear.
+
+Each operator's ONNX body (run in ONNX Runtime) and its TVM build (one-node model through
+``kernelize.backends.tvm.build``) equal the NumPy reference: the integer part bit-exactly
+(checked with unit scales, where the output *is* the integer accumulator), the float part to
+1e-5 relative. The calibration methods reduce the error as terms / prototypes grow, and a LUT
+fit on too few calibration tokens is refused with a one-line UsageError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernelize import ops
+from kernelize.errors import UsageError
+from kernelize.methods import METHODS
+from kernelize.methods.base import CapturedProjection
+from kernelize.methods.projection import relative_error
+from kernelize.ops import lut_linear, shift_add_linear
+from test_ops import assert_close, build, normal, rng_for, run
+
+WEIGHTS_SA = {"codes", "scale", "bias"}
+WEIGHTS_LUT = {"prototypes", "tables", "scale", "offset"}
+
+
+def tvm_outputs(op, args, attrs, consts):
+    from kernelize.backends import tvm as tvm_backend
+
+    model, feeds, _ = build(op, args, attrs, consts=consts)
+    first = args[0][1]
+    built = tvm_backend.build(model, "cpu", shape={"batch": first.shape[0], "seq": first.shape[1]})
+    return built.run(feeds)[0]
+
+
+def ort_outputs(op, args, attrs, consts):
+    model, feeds, _ = build(op, args, attrs, consts=consts)
+    return run(model, feeds)[0]
+
+
+# -- ShiftAddLinear ---------------------------------------------------------------------------
+def shift_add_args(rng, batch, seq, in_features, out, terms, integer: bool, with_bias: bool = True):
+    signs = rng.choice([-1, 1], (in_features, terms, out))
+    shifts = rng.integers(0, shift_add_linear.MAX_SHIFT + 1, (in_features, terms, out))
+    codes = shift_add_linear.pack_codes(signs, shifts)
+    if integer:  # unit scale, frac_bits 0: y is the int32 accumulator itself (exact in float32)
+        x = rng.integers(-40000, 40000, (batch, seq, in_features)).astype(np.float32)  # some clip
+        scale, bias = np.ones(out, np.float32), None
+    else:
+        x = normal(rng, batch, seq, in_features, scale=3.0)
+        scale = rng.uniform(0.01, 0.2, out).astype(np.float32)
+        bias = normal(rng, out) if with_bias else None
+    return [("x", x), ("codes", codes), ("scale", scale), ("bias", bias)]
+
+
+def test_shift_add_codes_round_trip():
+    rng = rng_for("sa-codes")
+    for terms, in_features in [(1, 7), (2, 5)]:
+        signs = rng.choice([-1, 1], (in_features, terms, 3))
+        shifts = rng.integers(0, 8, (in_features, terms, 3))
+        codes = shift_add_linear.pack_codes(signs, shifts)
+        assert codes.dtype == np.uint8 and codes.shape == ((terms * in_features + 1) // 2, 3)
+        back_signs, back_shifts = shift_add_linear.unpack_codes(codes, terms, in_features)
+        assert np.array_equal(back_signs, signs) and np.array_equal(back_shifts, shifts)
+
+
+def test_shift_add_reference_is_the_integer_formula():
+    """Against a direct per-element evaluation of sum sign * floor(xq / 2^s)."""
+    rng = rng_for("sa-direct")
+    args = shift_add_args(rng, 1, 3, 5, 4, 2, integer=False)
+    x, codes, scale, bias = (a for _, a in args)
+    frac_bits, act_bits = 6, 12
+    y = ops.get("ShiftAddLinear").reference(x, codes, scale, bias, terms=2, frac_bits=frac_bits, act_bits=act_bits)
+    signs, shifts = shift_add_linear.unpack_codes(codes, 2, 5)
+    expected = np.zeros((1, 3, 4))
+    for t in range(3):
+        for c in range(4):
+            acc = 0
+            for i in range(5):
+                q = int(np.clip(np.floor(float(x[0, t, i]) * 2**frac_bits + 0.5), -2**11, 2**11 - 1))
+                acc += sum(int(signs[i, k, c]) * (q >> int(shifts[i, k, c])) for k in range(2))
+            expected[0, t, c] = acc * float(scale[c]) * 2.0**-frac_bits + float(bias[c])
+    assert_close(y, expected.astype(np.float32), what="direct")
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+@pytest.mark.parametrize("terms,batch,seq,in_features,out", [(1, 1, 7, 33, 24), (2, 2, 13, 32, 40), (2, 1, 5, 24, 12)])
+def test_shift_add_integer_path_bit_exact(backend, terms, batch, seq, in_features, out):
+    op = ops.get("ShiftAddLinear")
+    rng = rng_for("sa-int", terms, batch, seq, in_features, out)
+    args = shift_add_args(rng, batch, seq, in_features, out, terms, integer=True)
+    attrs = {"terms": terms, "frac_bits": 0, "act_bits": 16}
+    expected = op.reference(*[a for _, a in args], **attrs)
+    assert np.max(np.abs(expected)) < 2**24 and np.any(expected != np.round(expected / 2) * 2)
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, attrs, WEIGHTS_SA)
+    assert actual.shape == expected.shape
+    assert np.array_equal(actual, expected), f"{backend}: integer path differs in {np.sum(actual != expected)} places"
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+@pytest.mark.parametrize("terms,with_bias", [(1, True), (2, False), (2, True)])
+def test_shift_add_float_path(backend, terms, with_bias):
+    op = ops.get("ShiftAddLinear")
+    rng = rng_for("sa-float", terms, with_bias)
+    args = shift_add_args(rng, 2, 13, 48, 40, terms, integer=False, with_bias=with_bias)
+    attrs = {"terms": terms, "frac_bits": 10, "act_bits": 16}
+    expected = op.reference(*[a for _, a in args], **attrs)
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, attrs, WEIGHTS_SA)
+    assert_close(actual, expected, what=f"ShiftAddLinear {backend}")
+
+
+def test_shift_add_tvm_with_weights_as_graph_inputs():
+    """Codes fed at run time (not constants): the negative-term counts come from a TE kernel."""
+    op = ops.get("ShiftAddLinear")
+    args = shift_add_args(rng_for("sa-inputs"), 1, 7, 32, 16, 2, integer=False)
+    args[1] = ("codes", args[1][1])
+    attrs = {"terms": 2, "frac_bits": 9, "act_bits": 16}
+    from kernelize.backends import tvm as tvm_backend
+    import onnx_ir as ir
+
+    model, feeds, _ = build(op, args, attrs, consts={"scale", "bias"})
+    for value in model.graph.inputs:  # build() declares every graph input float
+        if value.name == "codes":
+            value.type = ir.TensorType(ir.DataType.UINT8)
+    feeds["codes"] = args[1][1]
+    actual = tvm_backend.build(model, "cpu", shape={"batch": 1, "seq": 7}).run(feeds)[0]
+    assert_close(actual, op.reference(*[a for _, a in args], **attrs), what="codes as input")
+
+
+# -- LUTLinear -----------------------------------------------------------------------------------
+def lut_args(rng, batch, seq, c, k, v, out, integer: bool):
+    x = normal(rng, batch, seq, c * v)
+    prototypes = normal(rng, c, k, v)
+    tables = rng.integers(-128, 128, (c, k, out)).astype(np.int8)
+    if integer:  # the output is the int32 accumulator
+        scale, offset = np.ones(out, np.float32), np.zeros(out, np.float32)
+    else:
+        scale, offset = rng.uniform(1e-3, 1e-2, out).astype(np.float32), normal(rng, out)
+    return [("x", x), ("prototypes", prototypes), ("tables", tables), ("scale", scale), ("offset", offset)]
+
+
+def test_lut_reference_matches_a_direct_loop():
+    rng = rng_for("lut-direct")
+    args = lut_args(rng, 1, 4, 3, 5, 2, 6, integer=False)
+    x, protos, tables, scale, offset = (a for _, a in args)
+    y = ops.get("LUTLinear").reference(x, protos, tables, scale, offset)
+    expected = np.zeros((1, 4, 6))
+    for t in range(4):
+        acc = np.zeros(6)
+        for s in range(3):
+            distances = [np.sum((x[0, t, 2 * s:2 * s + 2].astype(np.float64) - protos[s, p]) ** 2) for p in range(5)]
+            acc += tables[s, int(np.argmin(distances))]
+        expected[0, t] = acc * scale + offset
+    assert_close(y, expected.astype(np.float32), what="direct")
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+@pytest.mark.parametrize("batch,seq,c,k,v,out", [(1, 7, 4, 16, 8, 24), (2, 13, 6, 16, 4, 40), (1, 3, 3, 8, 16, 20)])
+def test_lut_integer_path_bit_exact(backend, batch, seq, c, k, v, out):
+    op = ops.get("LUTLinear")
+    args = lut_args(rng_for("lut-int", batch, seq, c, k, v, out), batch, seq, c, k, v, out, integer=True)
+    expected = op.reference(*[a for _, a in args])
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, {}, WEIGHTS_LUT)
+    assert actual.shape == expected.shape
+    assert np.array_equal(actual, expected), f"{backend}: integer path differs in {np.sum(actual != expected)} places"
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_lut_float_path(backend):
+    op = ops.get("LUTLinear")
+    args = lut_args(rng_for("lut-float"), 2, 13, 8, 16, 8, 48, integer=False)
+    expected = op.reference(*[a for _, a in args])
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, {}, WEIGHTS_LUT)
+    assert_close(actual, expected, what=f"LUTLinear {backend}")
+
+
+# -- calibration ------------------------------------------------------------------------------
+def synthetic_site(rng, tokens, in_features, out, clustered: bool = False):
+    """Activations with structure (a few directions plus noise, as in a transformer), a
+    Gaussian weight and a bias."""
+    basis = rng.standard_normal((8, in_features))
+    x = rng.standard_normal((tokens, 8)) @ basis + 0.3 * rng.standard_normal((tokens, in_features))
+    if clustered:
+        centers = rng.standard_normal((6, in_features)) * 2.0
+        x = x * 0.3 + centers[rng.integers(0, 6, tokens)]
+    weight = rng.standard_normal((in_features, out)) / np.sqrt(in_features)
+    return x.astype(np.float32), weight.astype(np.float32), (0.1 * rng.standard_normal(out)).astype(np.float32)
+
+
+def held_out_error(fitted, x, weight, bias) -> float:
+    return relative_error(fitted.reference(x).astype(np.float64), x.astype(np.float64) @ weight + bias)
+
+
+def test_shift_add_fit_error_falls_with_terms():
+    rng = rng_for("fit-sa")
+    x, weight, bias = synthetic_site(rng, 600, 64, 48)
+    captured = CapturedProjection(x[:400], weight, bias)
+    method = METHODS["projection:shiftadd"]
+    errors = {}
+    for terms in (1, 2):
+        fitted = method.fit(captured, terms=terms)
+        assert fitted.op == "ShiftAddLinear" and fitted.attrs["terms"] == terms
+        codes, scale, fitted_bias = fitted.inputs
+        assert codes.dtype == np.uint8 and codes.shape == ((terms * 64 + 1) // 2, 48)
+        assert fitted.info["weight_bytes"] == codes.nbytes + scale.nbytes + fitted_bias.nbytes
+        assert fitted.info["dense_weight_bytes"] == 4 * 64 * 48 + 4 * 48
+        errors[terms] = held_out_error(fitted, x[400:], weight, bias)
+    assert errors[2] < 0.5 * errors[1], errors
+    assert errors[1] < 0.25 and errors[2] < 0.06, errors  # power-of-two rounding: ~10% / ~2.5%
+    shape = {"tokens": 128, "in_features": 64, "out_features": 48}
+    assert method.cost(method.fit(captured, terms=1), shape) < method.cost(method.fit(captured, terms=2), shape)
+
+
+def test_lut_fit_error_falls_with_prototypes():
+    rng = rng_for("fit-lut")
+    x, weight, bias = synthetic_site(rng, 2000, 64, 32, clustered=True)
+    captured = CapturedProjection(x[:1500], weight, bias)
+    method = METHODS["projection:lut"]
+    errors = {}
+    for k in (2, 4, 16):
+        fitted = method.fit(captured, prototypes=k, subspace=8)
+        protos, tables, scale, offset = fitted.inputs
+        assert fitted.op == "LUTLinear" and protos.shape == (8, k, 8) and tables.shape == (8, k, 32)
+        assert tables.dtype == np.int8 and scale.dtype == offset.dtype == np.float32
+        errors[k] = held_out_error(fitted, x[1500:], weight, bias)
+    assert errors[16] < errors[4] < errors[2], errors
+    assert errors[16] < 0.3, errors
+    same = method.fit(captured, prototypes=16, subspace=8)  # deterministic (seeded)
+    assert all(np.array_equal(a, b) for a, b in zip(same.inputs, fitted.inputs))
+    shape = {"tokens": 128, "in_features": 64, "out_features": 32}
+    assert method.cost(fitted, shape) < 128 * 64 * 32  # cheaper than the dense multiply-adds
+
+
+def test_lut_fit_refuses_too_few_tokens():
+    rng = rng_for("fit-few")
+    x, weight, bias = synthetic_site(rng, 10, 32, 16)
+    with pytest.raises(UsageError) as info:
+        METHODS["projection:lut"].fit(CapturedProjection(x, weight, bias))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "calibration has 10 tokens" in message and "K=16" in message and "--calib" in message
+
+
+def test_methods_are_registered_for_projections():
+    for name in ("projection:shiftadd", "projection:lut"):
+        assert METHODS[name].kind == "projection" and METHODS[name].name == name
+    rng = rng_for("fit-misfit")
+    x, weight, bias = synthetic_site(rng, 200, 30, 8)
+    reason = METHODS["projection:lut"].fit(CapturedProjection(x, weight, None), subspace=16)
+    assert isinstance(reason, str) and "30" in reason  # 30 features do not split into 16s
