@@ -30,6 +30,9 @@ class AttentionPattern(Pattern):
         if isinstance(core, str) or core is None:
             return core
         q, k, v, bias = core.inputs
+        if core.info.get("key_layout") == "[batch, seq, heads, head_size]":
+            core.info["projections"] = "not fused: K^T is taken from the [batch, seq, heads, head_size] layout"
+            return core
         block = _multi_head_block(q, k, v, core.outputs[0])
         if not isinstance(block, str):
             inputs, out, block_nodes, heads = block
@@ -56,7 +59,7 @@ class AttentionPattern(Pattern):
         if pv is None or pv.inputs[0] is not probs:
             return "softmax output is not used by exactly one MatMul(probs, V)"
         nodes = [softmax, pv]
-        scale, bias, extra = 1.0, None, []
+        scale, biases, extra = 1.0, [], []
         mask_kind = "none"
         while True:
             node = producer(scores)
@@ -66,14 +69,15 @@ class AttentionPattern(Pattern):
                 scale *= scalar_const(node.inputs[1])
                 nodes.append(node)
                 scores = node.inputs[0]
-            elif node.op_type == "Add" and bias is None:
+            elif node.op_type == "Add":  # several additive terms (T5: position bias, then the mask)
                 side = _scores_operand(node)
                 if side is None:
                     break
-                bias, scores = node.inputs[1 - side], node.inputs[side]
-                mask_kind = "additive"
+                biases.append(node.inputs[1 - side])
+                scores = node.inputs[side]
+                mask_kind = "additive" if mask_kind == "none" else mask_kind
                 nodes.append(node)
-            elif node.op_type == "Where" and bias is None:
+            elif node.op_type == "Where" and not biases:
                 cond, a, b = node.inputs
                 fill_a, fill_b = scalar_const(a), scalar_const(b)
                 if fill_b is not None and fill_a is None:
@@ -87,10 +91,17 @@ class AttentionPattern(Pattern):
                 where = ir.Node("", "Where", [cond, zero, fill_v] if keep else [cond, fill_v, zero], num_outputs=1)
                 where.outputs[0].name = f"{node.outputs[0].name}_bias"
                 extra.append(where)
-                bias, mask_kind = where.outputs[0], "boolean"
+                biases.append(where.outputs[0])
+                mask_kind = "boolean"
                 nodes.append(node)
             else:
                 break
+        bias = biases[0] if biases else None
+        for i, term in enumerate(biases[1:]):  # the terms summed in the order the model added them
+            total = ir.Node("", "Add", [term, bias], num_outputs=1)
+            total.outputs[0].name = f"{softmax.outputs[0].name}_bias_{i}"
+            extra.append(total)
+            bias = total.outputs[0]
         qk = producer(scores, "MatMul")
         if qk is None:
             return "no Q·K^T MatMul feeds the softmax"
@@ -104,10 +115,20 @@ class AttentionPattern(Pattern):
         if transpose is None:
             return "K^T is not produced by a Transpose"
         perm = list(attr(transpose, "perm", []))
-        if perm != [0, 1, 3, 2]:
+        key_layout = "[batch, heads, seq, head_size]"
+        k, v = transpose.inputs[0], pv.inputs[1]
+        if perm == [0, 2, 3, 1] and rank(k) == 4:  # K^T straight from [B, S, H, D] (MPT, T5)
+            head_major = ir.Node("", "Transpose", [k], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])],
+                                 num_outputs=1)
+            dims = list(k.shape)
+            k = head_major.outputs[0]
+            k.name = f"{transpose.outputs[0].name}_key"
+            k.shape, k.type = ir.Shape([dims[0], dims[2], dims[1], dims[3]]), transpose.outputs[0].type
+            extra.append(head_major)
+            key_layout = "[batch, seq, heads, head_size]"
+        elif perm != [0, 1, 3, 2]:
             return f"K^T Transpose has perm {perm}, expected [0, 1, 3, 2]"
         nodes.append(transpose)
-        k, v = transpose.inputs[0], pv.inputs[1]
         for name, value in (("Q", q), ("K", k), ("V", v)):
             if rank(value) != 4:
                 return f"{name} has rank {rank(value)}, expected 4 ([batch, heads, seq, head_size])"
@@ -120,6 +141,10 @@ class AttentionPattern(Pattern):
         info = {"heads": heads if isinstance(heads, int) else None,
                 "head_size": head_size if isinstance(head_size, int) else None,
                 "scale": scale, "mask": mask_kind}
+        if key_layout != "[batch, heads, seq, head_size]":
+            info["key_layout"] = key_layout
+        if len(biases) > 1:
+            info["bias_terms"] = len(biases)
         if isinstance(head_size, int):
             info["scale_is_default"] = math.isclose(scale, head_size ** -0.5, rel_tol=1e-6)
         return Site(self.kind, "attention", "Attention", nodes, [q, k, v, bias], [pv.outputs[0]],

@@ -1,0 +1,224 @@
+"""FFT-RPE (``kernelize.RPEAttention``) against exact softmax attention with the same
+Toeplitz (ALiBi) bias: h = 12, d = 64, batch 1, n in {1024, ..., 16384}, ONNX Runtime and TVM
+on this CPU, in one process.
+
+Both sides are one-node models of the same operator: the exact side is ``RPEAttention`` with
+``exact_below`` above n, i.e. softmax(Q K^T scale + T) V with T gathered from the same
+``rel_bias`` (ONNX: MatMul/Softmax/MatMul; TVM: the project's scheduled matmuls and softmax).
+The FFT side runs with two feature maps: ``favor`` with M = 16 features and ``elu`` (M = d =
+64); its cost grows with M (M/2 (d+1) complex FFT columns per head).
+
+Exact attention is skipped (with the reason) where its n x n score tensors would not fit in
+memory; the ONNX Runtime FFT path (its DFT kernel is scalar) is skipped where it would take
+more than ``--ort-limit-s`` per call (estimated from the previous length).
+
+Writes ``benchmarks/results/rpe_attention.json``: machine, load average before and after,
+rows (backend, method, n, median/min ms), speedups at n = 8192 and the fitted exponent of time
+against n log2 n (least squares on log-log) per FFT series.
+
+    python benchmarks/rpe_attention.py [--threads 1] [--lengths 1024,2048,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+
+from common import RESULTS, machine, write_json  # noqa: E402
+from kernelize import ops  # noqa: E402
+from kernelize.backends import ort as ort_backend  # noqa: E402
+from kernelize.ops import feature_maps as fm  # noqa: E402
+from kernelize.ops.base import add_initializer  # noqa: E402
+
+HEADS, HEAD_SIZE = 12, 64
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
+METHODS = {  # name -> (feature map, features or None)
+    "exact": (None, None),
+    "rpe:favor16": ("favor", 16),
+    "rpe:elu": ("elu", None),
+}
+
+
+def alibi(n: int) -> np.ndarray:
+    slopes = 2.0 ** (-8.0 * np.arange(1, HEADS + 1) / HEADS)
+    return (-slopes[:, None] * np.abs(np.arange(-(n - 1), n))[None, :]).astype(np.float32)
+
+
+def one_node(method: str, n: int):
+    """(model, feeds) of one RPEAttention node (exact: exact_below above n)."""
+    op = ops.get("RPEAttention")
+    kind, features = METHODS[method]
+    rng = np.random.default_rng(n)
+    q, k, v = (rng.standard_normal((1, HEADS, n, HEAD_SIZE)).astype(np.float32) for _ in range(3))
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 20}, name="rpe_bench")
+    model = ir.Model(graph, ir_version=10)
+    feeds, values = {}, []
+    for name, array in (("query", q), ("key", k), ("value", v), ("rel_bias", alibi(n))):
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        graph.inputs.append(value)
+        feeds[name] = array
+        values.append(value)
+    weight = None
+    if kind == "favor":
+        weight = add_initializer(graph, ir.Value(name="feature_weight", const_value=ir.tensor(
+            fm.favor_weight(HEAD_SIZE, features, HEADS))))
+    attrs = {"feature_map": kind or "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5,
+             "exact_below": n + 1 if method == "exact" else 0}
+    node = op.make_node(model, values + [None, weight], attrs, name="attention")
+    graph.append(node)
+    node.outputs[0].name = "Y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(node.outputs[0])
+    return model, feeds, attrs
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable"):
+            return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def exact_bytes(n: int, backend: str) -> int:
+    """Peak of the n x n float32 tensors exact attention holds at once (scores, probabilities;
+    the gathered Toeplitz bias too)."""
+    return (3 if backend == "tvm" else 3) * HEADS * n * n * 4
+
+
+def timed(call, repeats: int) -> dict:
+    call()  # warm-up (and the first-run allocations)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
+
+
+def fitted_exponent(rows: list[dict]) -> float | None:
+    """Slope of log(time) against log(n log2 n): 1.0 is exactly n log n."""
+    points = [(r["n"], r["median_ms"]) for r in rows if r.get("median_ms")]
+    if len(points) < 3:
+        return None
+    x = np.log([n * math.log2(n) for n, _ in points])
+    y = np.log([t for _, t in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--backends", default="ort,tvm")
+    parser.add_argument("--ort-limit-s", type=float, default=40.0)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the existing JSON for other backends/methods")
+    args = parser.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    backends = args.backends.split(",")
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    started = time.time()
+    result = {"benchmark": "rpe_attention", "heads": HEADS, "head_size": HEAD_SIZE, "batch": 1, "causal": True,
+              "bias": "ALiBi (slopes 2^(-8k/12))", "threads": args.threads, "machine": machine(),
+              "load_average_before": list(os.getloadavg()), "methods": {
+                  "exact": "softmax(Q K^T scale + T) V, T = Toeplitz(rel_bias), same operator with exact_below > n",
+                  "rpe:favor16": "RPEAttention, FAVOR+ features M = 16",
+                  "rpe:elu": "RPEAttention, elu + 1 features M = 64"},
+              "rows": []}
+    rows = result["rows"]
+    last_ms: dict[tuple, tuple[int, float]] = {}
+    for backend in backends:
+        for method in args.methods.split(","):
+            if backend == "ort" and method == "rpe:elu":
+                rows.append({"backend": backend, "method": method, "skipped": "ONNX Runtime's DFT is scalar: M = 64 "
+                             "needs 4 x the favor16 time; measured for favor16 only"})
+                continue
+            for n in lengths:
+                row = {"backend": backend, "method": method, "n": n}
+                key = (backend, method)
+                if method == "exact" and exact_bytes(n, backend) > 0.6 * available_bytes():
+                    row["skipped"] = (f"n x n scores need about {exact_bytes(n, backend) / 2**30:.1f} GiB, "
+                                      f"{available_bytes() / 2**30:.1f} GiB available")
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+                if backend == "ort" and key in last_ms:
+                    prev_n, prev_ms = last_ms[key]
+                    scale = (n * n) / (prev_n * prev_n) if method == "exact" else \
+                        (n * math.log2(n)) / (prev_n * math.log2(prev_n))
+                    if prev_ms * scale / 1e3 > args.ort_limit_s:
+                        row["skipped"] = f"estimated {prev_ms * scale / 1e3:.0f} s per call > --ort-limit-s"
+                        rows.append(row)
+                        print(row, flush=True)
+                        continue
+                model, feeds, attrs = one_node(method, n)
+                repeats = 5 if n <= 2048 else 3 if n <= 8192 else 2
+                try:
+                    if backend == "ort":
+                        session = ort_backend.session(model, args.threads)
+                        call = lambda: ort_backend.run(session, feeds)  # noqa: E731
+                        check = lambda: ort_backend.run(session, feeds)["Y"]  # noqa: E731
+                    else:
+                        from kernelize.backends import tvm as tvm_backend
+
+                        t = time.perf_counter()
+                        built = tvm_backend.build(model, "cpu")
+                        row["build_s"] = time.perf_counter() - t
+                        runner = built.runner(threads=args.threads)
+                        tvm_args = runner.arguments(feeds)
+                        call = lambda: runner.run_arguments(tvm_args)  # noqa: E731
+                        check = lambda: runner.run_arguments(tvm_args)[0]  # noqa: E731
+                    row.update(timed(call, repeats))
+                    if n == lengths[0]:  # against the float64 direct computation
+                        weight = model.graph.initializers.get("feature_weight")
+                        expected = ops.get("RPEAttention").reference(
+                            feeds["query"], feeds["key"], feeds["value"], feeds["rel_bias"], None,
+                            None if weight is None else weight.const_value.numpy(), None, **attrs)
+                        row["max_abs_error_vs_reference"] = float(np.max(np.abs(check() - expected)))
+                    last_ms[key] = (n, row["median_ms"])
+                except Exception as err:  # noqa: BLE001 - record, go on with the next
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                rows.append(row)
+                print(row, flush=True)
+    result["load_average_after"] = list(os.getloadavg())
+    if args.merge and (RESULTS / "rpe_attention.json").exists():
+        import json
+
+        done = {(r["backend"], r["method"]) for r in rows}
+        old = json.loads((RESULTS / "rpe_attention.json").read_text())
+        rows[:0] = [r for r in old["rows"] if (r["backend"], r["method"]) not in done]
+        result["load_average_before"] = [old.get("load_average_before"), result["load_average_before"]]
+        backends = sorted({r["backend"] for r in rows})
+    summary = {}
+    for backend in backends:
+        times = {r["method"]: r for r in rows if r["backend"] == backend and r.get("n") == 8192 and r.get("median_ms")}
+        for method in METHODS:
+            if method == "exact":
+                continue
+            series = [r for r in rows if r["backend"] == backend and r["method"] == method and r.get("median_ms")]
+            entry = {"exponent_vs_n_log_n": fitted_exponent(series)}
+            if "exact" in times and method in times:
+                entry["speedup_at_8192"] = times["exact"]["median_ms"] / times[method]["median_ms"]
+                entry["meets_5x"] = entry["speedup_at_8192"] >= 5.0
+            summary[f"{backend}/{method}"] = entry
+    result["summary"] = summary
+    result["wall_s"] = time.time() - started
+    path = write_json("rpe_attention", result)
+    print(path, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,622 @@
+"""kernelize.RPEAttention: kernelized attention with a Toeplitz relative-position bias, in
+O(n log n) through the FFT (Luo et al. 2021, "Stable, Fast and Accurate: Kernelized Attention
+with Relative Positional Encoding").
+
+For one head, with features ``phi`` from :mod:`kernelize.ops.feature_maps` (applied to
+``q sqrt(scale)`` and ``k sqrt(scale)``, the feature maps' convention) and the relative bias
+vector ``c`` (``rel_bias[h]``, length ``2n - 1``; the bias of query i and key j is
+``c[j - i + n - 1]``)::
+
+    out_i = sum_j E[i, j] w_j phi(q_i).phi(k_j) v_j / sum_j E[i, j] w_j phi(q_i).phi(k_j)
+    E[i, j] = exp(c[j - i + n - 1] - max(c))      (0 above the diagonal when ``causal``)
+
+``w_j`` comes from the optional key-padding ``bias`` ([batch or 1, 1, 1, n]): 0 where
+``bias <= -1e4`` (masked), else ``exp(bias_j - max bias)`` (an additive per-key bias is exact
+here, as a factor of the key). Other mask shapes are refused: a full [.., n, n] mask is not
+Toeplitz; the pattern passes the causal part as the ``causal`` attribute.
+
+E is Toeplitz, so ``sum_j E[i, j] x_j`` for one column x is a convolution: with ``N`` the
+power of two >= 2n - 1, E is embedded in an N x N circulant and the product is
+``IFFT(FFT(g) * FFT(x_padded))[:n]``. There is one such column for every pair (feature m,
+value column e) plus one per feature for the normalizer: M (D + 1) convolutions per head.
+Two real columns travel as the real and imaginary part of one complex column (the kernel g is
+real, so they do not mix): M/2 (D + 1) complex transforms each way.
+
+Numerics: ``exp(c)`` spans many orders of magnitude for ALiBi at long lengths (slope 0.5 at
+n = 8192: exp(-4096)). Subtracting the per-head maximum of c makes every kernel entry <= 1
+with the largest exactly 1, so nothing overflows; the constant factor cancels in the ratio.
+An FFT convolution's error is relative to the whole signal, not to each output: a row whose
+own sum is small next to the largest terms elsewhere (an edge row of a T5 bias whose maximum
+offset it lacks; FAVOR+ key features, which span orders of magnitude, damped by ALiBi far
+from the row) loses digits. So the transforms run in float64 (measured: float32 transforms
+lost 2e-4 on causal ALiBi at n = 1024 in ONNX Runtime's DFT, 2e-3 with FAVOR+ features in
+the TVM kernel; both pass 1e-5 in float64); inputs, features and the output stay float32.
+The normalizer is clamped at 1e-30 (relu features can make it 0: the output is then 0).
+
+Forms: ``reference`` is the direct O(n^2) computation (float64); ``body`` is standard ONNX
+(``DFT`` op in double, a ``Loop`` over feature pairs so memory stays O(B H D N)); ``lower_tvm``
+is two hand-written TIR kernels (the kernel's spectrum per head; then per (batch, head) task
+in parallel, blocks of ``BLOCK_COLUMNS`` complex columns through a radix-2 FFT: decimation in
+frequency forward, so the spectrum comes out bit-reversed, pointwise product with the
+kernel's spectrum in the same order, decimation in time back, so no permutation pass is
+needed; columns innermost and vectorized; stages on sub-FFTs of 2 ** ``LOCAL_LOG`` points
+run sub-block by sub-block, in cache).
+Self-attention only (as many keys as queries): a Toeplitz bias is square.
+``exact_below``: below that many query positions the exact softmax attention with the full
+bias (Toeplitz + mask + causal) runs instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from kernelize.ops import feature_maps as fm
+from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
+
+MASKED = -1e4  # a key-padding bias at or below this drops the key
+TINY = 1e-30  # floor of the normalizer
+BLOCK_COLUMNS = 16  # complex columns per FFT block in the TVM kernel (one AVX-512 vector)
+FFT_DTYPE = "float64"  # of the TVM kernels' transforms (see the module docstring: precision)
+LOCAL_LOG = 8  # stages on sub-FFTs of 2 ** LOCAL_LOG points run sub-block by sub-block (in cache)
+
+
+def fft_length(n: int) -> int:
+    """The power of two >= 2n - 1 the Toeplitz matrix is embedded in (at least 2)."""
+    return max(2, 1 << max(0, (2 * n - 2)).bit_length())
+
+
+def toeplitz(rel_bias: np.ndarray, n: int) -> np.ndarray:
+    """T[h, i, j] = rel_bias[h, j - i + n - 1] ([H, n, n])."""
+    index = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1
+    return np.asarray(rel_bias)[:, index]
+
+
+def key_weights(bias: np.ndarray | None, n: int) -> np.ndarray:
+    """w_j of the key-padding bias ([B or 1, 1, 1, n] -> same shape), float64."""
+    if bias is None:
+        return np.ones((1, 1, 1, n))
+    bias = np.asarray(bias, np.float64)
+    if bias.ndim != 4 or bias.shape[1] != 1 or bias.shape[2] != 1 or bias.shape[3] != n:
+        raise ValueError(f"RPEAttention takes only a key-padding bias [batch or 1, 1, 1, {n}], "
+                         f"not {list(bias.shape)}")
+    masked = bias <= MASKED
+    top = np.max(np.where(masked, -np.inf, bias), axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.where(masked, 0.0, np.exp(np.minimum(bias - top, 0.0)))
+
+
+def _softmax(x):
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+class RPEAttention(Operator):
+    name = "RPEAttention"
+    inputs = ("query", "key", "value", "rel_bias", "bias?", "feature_weight?", "feature_bias?")
+    attributes = {"feature_map": str, "causal": int, "scale": float, "exact_below": int}
+
+    # -- NumPy -------------------------------------------------------------------------
+    def reference(self, query, key, value, rel_bias, bias=None, feature_weight=None, feature_bias=None, *,
+                  feature_map, causal=0, scale, exact_below=0):
+        q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
+        n = q.shape[-2]
+        if k.shape[-2] != n:
+            raise ValueError("RPEAttention needs as many keys as queries (a Toeplitz bias is square)")
+        c = np.asarray(rel_bias, np.float64)
+        if c.shape[-1] != 2 * n - 1:
+            raise ValueError(f"rel_bias has {c.shape[-1]} offsets, expected 2n - 1 = {2 * n - 1}")
+        tri = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+        if n < exact_below:
+            scores = (q @ np.swapaxes(k, -1, -2)) * scale + toeplitz(c, n)
+            if bias is not None:
+                scores = scores + np.asarray(bias, np.float64)
+            scores = np.where(tri, scores, -np.inf)
+            return (_softmax(scores) @ v).astype(np.float32)
+        root = math.sqrt(scale)
+        phi_q = fm.reference(feature_map, q * root, "query", feature_weight, feature_bias)
+        phi_k = fm.reference(feature_map, k * root, "key", feature_weight, feature_bias)
+        kernel = np.exp(toeplitz(c - np.max(c, axis=-1, keepdims=True), n)) * tri
+        weights = (phi_q @ np.swapaxes(phi_k, -1, -2)) * kernel * key_weights(bias, n)
+        out = (weights @ v) / np.maximum(np.sum(weights, axis=-1, keepdims=True), TINY)
+        return out.astype(np.float32)
+
+    # -- ONNX --------------------------------------------------------------------------
+    def body(self, tape, inputs, attrs):
+        query, key, value, rel_bias, bias, weight, fbias = inputs
+        scale, causal = float(attrs["scale"]), int(attrs.get("causal", 0))
+
+        def exact(t):
+            return _emit_exact(t, query, key, value, rel_bias, bias, scale, causal)
+
+        def approximate(t):
+            return _emit_fft(t, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale,
+                             causal)
+
+        return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
+
+    # -- TVM ---------------------------------------------------------------------------
+    def lower_tvm(self, bb, inputs, attrs):
+        query, key, value, rel_bias, bias, weight, fbias = inputs
+        scale, causal = float(attrs["scale"]), int(attrs.get("causal", 0))
+        return lower_length_dispatch(
+            query, int(attrs.get("exact_below", 0)),
+            lambda: _lower_exact(bb, query, key, value, rel_bias, bias, scale, causal),
+            lambda: _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale,
+                               causal))
+
+
+# -- ONNX helpers --------------------------------------------------------------------------
+def _i64(tape, values):
+    return const(tape, values, np.int64)
+
+
+def _emit_length(tape, query):
+    """n as an int64 1-D tensor [n]."""
+    return tape.op("Shape", [query], {"start": -2, "end": -1})
+
+
+def _emit_offsets(tape, n):
+    """idx[i, j] = j - i + n - 1 ([n, n] int64) for a Gather of rel_bias."""
+    scalar = tape.op("Squeeze", [n, _i64(tape, [0])])
+    positions = tape.op("Range", [const(tape, 0, np.int64), scalar, const(tape, 1, np.int64)])
+    column = tape.op("Unsqueeze", [positions, _i64(tape, [1])])
+    row = tape.op("Unsqueeze", [positions, _i64(tape, [0])])
+    return tape.op("Add", [tape.op("Sub", [row, column]), tape.op("Sub", [scalar, const(tape, 1, np.int64)])])
+
+
+def _emit_exact(tape, query, key, value, rel_bias, bias, scale, causal):
+    """softmax(Q K^T scale + T + bias (+ causal)) V with T gathered from rel_bias."""
+    n = _emit_length(tape, query)
+    offsets = _emit_offsets(tape, n)
+    full = tape.op("Gather", [rel_bias, offsets], {"axis": 1})  # [H, n, n]
+    key_t = tape.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
+    scores = tape.op("Add", [tape.op("Mul", [tape.op("MatMul", [query, key_t]), const(tape, scale)]), full])
+    if bias is not None:
+        scores = tape.op("Add", [scores, bias])
+    if causal:
+        above = tape.op("Greater", [offsets, tape.op("Sub", [tape.op("Squeeze", [n, _i64(tape, [0])]),
+                                                             const(tape, 1, np.int64)])])
+        scores = tape.op("Where", [above, const(tape, -np.inf), scores])
+    return tape.op("MatMul", [tape.op("Softmax", [scores], {"axis": -1}), value])
+
+
+def _emit_kernel_spectrum(tape, rel_bias, n, causal):
+    """FFT of the circulant's first column g ([H, N, 2]) and N ([1] int64).
+
+    g[s] = e[n - 1 - s] for 0 <= s < n, g[N + s] = e[n - 1 - s] for -n < s < 0 (0 when causal),
+    with e = exp(c - max c): reversed e is r[k] = e[2n - 2 - k], so g = r[n - 1:] | 0 | r[:n - 1]."""
+    top = tape.op("ReduceMax", [rel_bias, _i64(tape, [-1])], {"keepdims": 1})
+    e = tape.op("Exp", [tape.op("Sub", [rel_bias, top])])
+    reversed_e = tape.op("Slice", [e, _i64(tape, [-1]), _i64(tape, [-(2 ** 62)]), _i64(tape, [-1]), _i64(tape, [-1])])
+    n_minus_1 = tape.op("Sub", [n, _i64(tape, [1])])
+    two_n_minus_1 = tape.op("Sub", [tape.op("Add", [n, n]), _i64(tape, [1])])
+    # N = 2 ** ceil(log2(2n - 1)), at least 2 (double precision keeps odd 2n - 1 off the powers)
+    exponent = tape.op("Ceil", [tape.op("Div", [tape.op("Log", [tape.op("Cast", [two_n_minus_1], {"to": 11})]),
+                                                const(tape, math.log(2.0), np.float64)])])
+    length = tape.op("Cast", [tape.op("Pow", [const(tape, [2.0], np.float64), exponent])], {"to": 7})
+    length = tape.op("Max", [length, _i64(tape, [2])])
+    head = tape.op("Slice", [reversed_e, n_minus_1, two_n_minus_1, _i64(tape, [1])])  # e[n-1], ..., e[0]
+    heads = tape.op("Shape", [rel_bias], {"start": 0, "end": 1})
+    gap = tape.op("Sub", [length, two_n_minus_1])
+    if causal:
+        gap = tape.op("Add", [gap, n_minus_1])
+        zeros = tape.op("ConstantOfShape", [tape.op("Concat", [heads, gap], {"axis": 0})],
+                        {"value": ir.tensor(np.zeros(1, np.float32))})
+        g = tape.op("Concat", [head, zeros], {"axis": 1})
+    else:
+        tail = tape.op("Slice", [reversed_e, _i64(tape, [0]), n_minus_1, _i64(tape, [1])])  # e[2n-2], ..., e[n]
+        zeros = tape.op("ConstantOfShape", [tape.op("Concat", [heads, gap], {"axis": 0})],
+                        {"value": ir.tensor(np.zeros(1, np.float32))})
+        g = tape.op("Concat", [head, zeros, tail], {"axis": 1})
+    g = tape.op("Unsqueeze", [tape.op("Cast", [g], {"to": 11}), _i64(tape, [-1])])  # [H, N, 1] real, double
+    spectrum = tape.op("DFT", [g, None, const(tape, 1, np.int64)])  # [H, N, 2]
+    return spectrum, length
+
+
+def _emit_fft(tape, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+    root = const(tape, math.sqrt(scale))
+    phi_q = fm.emit_onnx(tape, kind, tape.op("Mul", [query, root]), "query", weight, fbias)
+    phi_k = fm.emit_onnx(tape, kind, tape.op("Mul", [key, root]), "key", weight, fbias)
+    n = _emit_length(tape, query)
+    if bias is not None:  # key weights w_j, [B or 1, 1, n, 1] against phi_k's key axis
+        masked = tape.op("LessOrEqual", [bias, const(tape, MASKED)])
+        kept = tape.op("Where", [masked, const(tape, -np.inf), bias])
+        top = tape.op("ReduceMax", [kept, _i64(tape, [-1])], {"keepdims": 1})
+        top = tape.op("Where", [tape.op("IsInf", [top]), const(tape, 0.0), top])
+        w = tape.op("Exp", [tape.op("Min", [tape.op("Sub", [bias, top]), const(tape, 0.0)])])
+        w = tape.op("Where", [masked, const(tape, 0.0), w])
+        phi_k = tape.op("Mul", [phi_k, tape.op("Transpose", [w], {"perm": [0, 1, 3, 2]})])
+    # an even feature count: features m and m + M/2 share one complex column
+    features = tape.op("Shape", [phi_q], {"start": -1})
+    odd = tape.op("Mod", [features, _i64(tape, [2])])
+    pads = tape.op("Concat", [_i64(tape, [0] * 7), odd], {"axis": 0})
+    phi_q = tape.op("Pad", [phi_q, pads])
+    phi_k = tape.op("Pad", [phi_k, pads])
+    pairs = tape.op("Div", [tape.op("Add", [features, odd]), _i64(tape, [2])])
+    ones_shape = tape.op("Concat", [tape.op("Shape", [value], {"start": 0, "end": 3}), _i64(tape, [1])],
+                         {"axis": 0})
+    ones = tape.op("ConstantOfShape", [ones_shape], {"value": ir.tensor(np.ones(1, np.float32))})
+    value_1 = tape.op("Concat", [value, ones], {"axis": -1})  # [B, H, n, E = D + 1]
+    spectrum, length = _emit_kernel_spectrum(tape, rel_bias, n, causal)
+    spectrum = tape.op("Unsqueeze", [spectrum, _i64(tape, [0, 2])])  # [1, H, 1, N, 2]
+    g_re = tape.op("Gather", [spectrum, const(tape, 0, np.int64)], {"axis": -1})
+    g_im = tape.op("Gather", [spectrum, const(tape, 1, np.int64)], {"axis": -1})
+    acc0 = tape.op("ConstantOfShape", [tape.op("Shape", [value_1])], {"value": ir.tensor(np.zeros(1, np.float32))})
+
+    # the loop body: one pair of features per iteration, accumulated into [B, H, n, E]
+    iteration = ir.Value(name="rpe_pair", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    cond_in = ir.Value(name="rpe_cond_in", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    acc_in = ir.Value(name="rpe_acc_in", type=ir.TensorType(ir.DataType.FLOAT))
+    sub = ir.tape.Tape()
+    second = sub.op("Add", [iteration, tape.op("Squeeze", [pairs, _i64(tape, [0])])])
+
+    def column(features_value, index):
+        return sub.op("Unsqueeze", [sub.op("Gather", [features_value, index], {"axis": -1}), _i64(sub, [-1])])
+
+    k_re = sub.op("Mul", [column(phi_k, iteration), value_1])  # [B, H, n, E]
+    k_im = sub.op("Mul", [column(phi_k, second), value_1])
+    x = sub.op("Concat", [sub.op("Unsqueeze", [k_re, _i64(sub, [-1])]),
+                          sub.op("Unsqueeze", [k_im, _i64(sub, [-1])])], {"axis": -1})
+    x = sub.op("Transpose", [sub.op("Cast", [x], {"to": 11})], {"perm": [0, 1, 3, 2, 4]})  # [B, H, E, n, 2]
+    length_scalar = sub.op("Squeeze", [length, _i64(sub, [0])])
+    xf = sub.op("DFT", [x, length_scalar, const(sub, -2, np.int64)])  # [B, H, E, N, 2]
+    x_re = sub.op("Gather", [xf, const(sub, 0, np.int64)], {"axis": -1})
+    x_im = sub.op("Gather", [xf, const(sub, 1, np.int64)], {"axis": -1})
+    y_re = sub.op("Sub", [sub.op("Mul", [x_re, g_re]), sub.op("Mul", [x_im, g_im])])
+    y_im = sub.op("Add", [sub.op("Mul", [x_re, g_im]), sub.op("Mul", [x_im, g_re])])
+    y = sub.op("Concat", [sub.op("Unsqueeze", [y_re, _i64(sub, [-1])]),
+                          sub.op("Unsqueeze", [y_im, _i64(sub, [-1])])], {"axis": -1})
+    y = sub.op("DFT", [y, None, const(sub, -2, np.int64)], {"inverse": 1})
+    y = sub.op("Slice", [y, _i64(sub, [0]), n, _i64(sub, [3])])  # [B, H, E, n, 2]
+    y = sub.op("Transpose", [sub.op("Cast", [y], {"to": 1})], {"perm": [0, 1, 3, 2, 4]})  # [B, H, n, E, 2]
+    q_pair = sub.op("Concat", [column(phi_q, iteration), column(phi_q, second)], {"axis": -1})  # [B, H, n, 2]
+    q_pair = sub.op("Unsqueeze", [q_pair, _i64(sub, [3])])
+    contribution = sub.op("ReduceSum", [sub.op("Mul", [y, q_pair]), _i64(sub, [-1])], {"keepdims": 0})
+    acc_out = sub.op("Add", [acc_in, contribution])
+    cond_out = sub.op("Identity", [cond_in])
+    for i, node in enumerate(sub.nodes):  # unique names in the loop's scope
+        for j, out in enumerate(node.outputs):
+            out.name = f"rpe_loop_{i}_{j}"
+    loop_body = ir.Graph([iteration, cond_in, acc_in], [cond_out, acc_out], nodes=sub.nodes, name="rpe_pairs")
+    acc = tape.op("Loop", [tape.op("Squeeze", [pairs, _i64(tape, [0])]), None, acc0], {"body": loop_body})
+    numerator = tape.op("Slice", [acc, _i64(tape, [0]), _i64(tape, [-1]), _i64(tape, [-1])])
+    denominator = tape.op("Slice", [acc, _i64(tape, [-1]), _i64(tape, [2 ** 62]), _i64(tape, [-1])])
+    return tape.op("Div", [numerator, tape.op("Max", [denominator, const(tape, TINY)])])
+
+
+# -- TVM helpers ---------------------------------------------------------------------------
+def _shape(expr) -> list[int]:
+    """Static shape of a Relax expression (``ty`` in TVM 0.27, ``struct_info`` before)."""
+    info = expr.ty if hasattr(expr, "ty") else expr.struct_info
+    return [int(d) for d in info.shape]
+
+
+def _twiddles(length: int, dtype: str = "float32"):
+    """exp(-2 pi i k / N) for k < N / 2, computed in float64, stored as ``dtype``."""
+    angle = -2.0 * np.pi * np.arange(max(length // 2, 1)) / length
+    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
+
+
+def _lower_exact(bb, query, key, value, rel_bias, bias, scale, causal):
+    from tvm import relax, te
+
+    from kernelize.backends.tvm import sdpa
+
+    n = _shape(query)[-2]
+    heads = _shape(rel_bias)[0]
+
+    def full_bias(c):
+        def entry(h, i, j):
+            value_ = c[h, j - i + n - 1]
+            if causal:
+                return te.if_then_else(j > i, np.float32(-1e30), value_)
+            return value_
+        return te.compute((heads, n, n), entry, name="rpe_toeplitz")
+
+    total = bb.emit_te(full_bias, rel_bias, primfunc_name_hint="rpe_toeplitz")
+    if bias is not None:
+        total = bb.emit(relax.op.add(total, bias))
+    key_t = bb.emit(relax.op.permute_dims(key, [0, 1, 3, 2]))
+    return sdpa(bb, query, key_t, value, total, scale)
+
+
+def _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+    from tvm import relax, te
+
+    op = relax.op
+    root = relax.const(np.float32(math.sqrt(scale)), "float32")
+    phi_q = fm.lower_tvm(bb, kind, bb.emit(op.multiply(query, root)), "query", weight, fbias)
+    phi_k = fm.lower_tvm(bb, kind, bb.emit(op.multiply(key, root)), "key", weight, fbias)
+    batch, heads, n, head_size = _shape(value)
+    features = _shape(phi_q)[-1]
+    length = fft_length(n)
+    if bias is None:
+        weights = bb.emit(relax.const(np.ones((1, n), np.float32)))
+    else:
+        bshape = _shape(bias)
+        if len(bshape) != 4 or bshape[1] != 1 or bshape[2] != 1:
+            raise ValueError(f"RPEAttention takes only a key-padding bias [batch or 1, 1, 1, n], not {bshape}")
+
+        def key_weight(b):
+            j = te.reduce_axis((0, n), "j")
+            kept = lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(-3e38),  # noqa: E731
+                                                  b[r, 0, 0, jj])
+            top = te.compute((bshape[0],), lambda r: te.max(kept(r, j), axis=j), name="rpe_key_top")
+            return te.compute(
+                (bshape[0], n),
+                lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(0.0),
+                                              te.exp(te.min(b[r, 0, 0, jj] - top[r], np.float32(0.0)))),
+                name="rpe_key_weight")
+
+        weights = bb.emit_te(key_weight, bias, primfunc_name_hint="rpe_key_weight")
+    wr, wi = _twiddles(length, FFT_DTYPE)
+    twiddle_r, twiddle_i = relax.const(wr, FFT_DTYPE), relax.const(wi, FFT_DTYPE)
+    spectrum_gv = bb.add_func(_spectrum_kernel(heads, n, length, bool(causal)), "rpe_kernel_spectrum")
+    spectrum = bb.emit(relax.call_tir(spectrum_gv, [rel_bias, twiddle_r, twiddle_i],
+                                      relax.TensorType((2, heads, length), FFT_DTYPE)))
+    kernel = _attention_kernel(batch, _shape(weights)[0], heads, n, features, head_size, length)
+    attention_gv = bb.add_func(kernel, "rpe_fft_attention")
+    return bb.emit(relax.call_tir(attention_gv, [phi_q, phi_k, value, weights, spectrum, twiddle_r, twiddle_i],
+                                  relax.TensorType((batch, heads, n, head_size), "float32")))
+
+
+def _spectrum_kernel(heads: int, n: int, length: int, causal: bool):
+    """TIR: rel_bias [H, 2n-1] -> FFT of the circulant's first column g, bit-reversed order,
+    as [2 (re, im), H, N]; g = exp(c - max c) laid out as in :func:`_emit_kernel_spectrum`."""
+    from tvm.script import tirx as T
+
+    width = 2 * n - 1
+    half_n = length // 2
+    log_n = length.bit_length() - 1
+    tail_start = length if causal else length - n + 1  # causal: no wrapped-around part
+
+    dtype = FFT_DTYPE
+
+    def exp_of(c, h, index, top):
+        return T.Cast(dtype, T.exp(c[h, index] - top[h]))
+
+    @T.prim_func(s_tir=True)
+    def spectrum(c: T.Buffer((heads, width), "float32"), wr: T.Buffer((half_n,), dtype),
+                 wi: T.Buffer((half_n,), dtype), out: T.Buffer((2, heads, length), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            top = T.alloc_buffer((heads,), "float32")
+            for h in T.parallel(heads):
+                top[h] = c[h, 0]
+                for t in range(1, width):
+                    top[h] = T.max(top[h], c[h, t])
+                for t in range(length):
+                    out[1, h, t] = T.Cast(dtype, 0)
+                    if t < n:
+                        out[0, h, t] = exp_of(c, h, n - 1 - t, top)
+                    elif t >= tail_start:
+                        out[0, h, t] = exp_of(c, h, length + n - 1 - t, top)
+                    else:
+                        out[0, h, t] = T.Cast(dtype, 0)
+                for s in range(log_n):
+                    for p in range(half_n):
+                        a = T.shift_left(T.shift_right(p, log_n - 1 - s), log_n - s) + T.bitwise_and(
+                            p, T.shift_right(length, s + 1) - 1)
+                        b = a + T.shift_right(length, s + 1)
+                        tw = T.shift_left(T.bitwise_and(p, T.shift_right(length, s + 1) - 1), s)
+                        ur = out[0, h, a]
+                        ui = out[1, h, a]
+                        dr = ur - out[0, h, b]
+                        di = ui - out[1, h, b]
+                        out[0, h, a] = ur + out[0, h, b]
+                        out[1, h, a] = ui + out[1, h, b]
+                        out[0, h, b] = dr * wr[tw] - di * wi[tw]
+                        out[1, h, b] = dr * wi[tw] + di * wr[tw]
+
+    return spectrum
+
+
+def _attention_kernel(batch: int, weight_rows: int, heads: int, n: int, features: int, head_size: int,
+                      length: int):
+    """TIR: the FFT attention proper. Per (batch, head) task (parallel): complex column p of
+    the P = ceil(M / 2) (D + 1) columns is (feature m = p // E, value column e = p % E; real
+    part from feature m, imaginary part from feature m + ceil(M / 2); e == D is the normalizer).
+    Columns go in blocks of ``BLOCK_COLUMNS``: load (fused with the first DIF stage, whose
+    lower half input is zero), DIF stages, product with the kernel spectrum, DIT stages, last
+    DIT stage fused with the contraction against phi(q) into the accumulator [n, E].
+
+    Every butterfly stage reads one slot of a two-slot scratch buffer and writes the other
+    (out of place): each output is then a pure expression of loaded values, which TIR
+    vectorizes over the block's columns (scalar temporaries in a vectorized loop are not
+    per-lane in TVM 0.27 and give wrong results)."""
+    from tvm.script import tirx as T
+
+    width = head_size + 1
+    pairs = (features + 1) // 2
+    columns = pairs * width
+    cb = BLOCK_COLUMNS
+    blocks = -(-columns // cb)
+    half_n = length // 2
+    log_n = length.bit_length() - 1
+    tasks = batch * heads
+    inverse_n = np.float32(1.0 / length)
+    dif_local = max(1, log_n - LOCAL_LOG)  # first DIF stage done per sub-block
+    local_log = log_n - dif_local  # sub-block size is 2 ** local_log <= N / 2
+    local = 1 << local_log
+    after_dif = (log_n - 1) % 2  # slot holding the spectrum after the DIF stages
+    after_product = 1 - after_dif
+
+    last = (after_product + log_n - 1) % 2  # slot the last DIT stage reads
+    dtype = FFT_DTYPE
+    # the contraction scatters into acc[i, col % E]: a vector of cb columns hits distinct
+    # entries only when cb <= E
+    contract_loop = T.vectorized if width >= cb else T.serial
+
+    def key_value(phi_k, kw, v, task, t, col, second):
+        """x of column ``col`` at key t: phi_k[m or m + P] * w_t * [v_t 1][e] (0 past n and
+        for padding columns / a missing odd feature)."""
+        b, h, tt = task // heads, task % heads, T.min(t, n - 1)
+        e = col % width
+        m = T.min(col // width, pairs - 1) + (pairs if second else 0)
+        scale = T.if_then_else(t < n, T.if_then_else(col < columns, kw[b % weight_rows, tt] * T.if_then_else(
+            e < head_size, v[b, h, tt, T.min(e, head_size - 1)], T.float32(1)), T.float32(0)), T.float32(0))
+        feature = T.if_then_else(m < features, phi_k[b, h, tt, T.min(m, features - 1)], T.float32(0))
+        return T.Cast(dtype, feature * scale)
+
+    def query_value(phi_q, task, i, col, second):
+        """phi_q[m or m + P] / N for column ``col`` at query i (0 for padding columns)."""
+        m = T.min(col // width, pairs - 1) + (pairs if second else 0)
+        return T.Cast(dtype, T.if_then_else(T.And(col < columns, m < features),
+                                            phi_q[task // heads, task % heads, i, T.min(m, features - 1)]
+                                            * inverse_n, T.float32(0)))
+
+    def dif_a(p, s):  # first index of butterfly p in DIF stage s (half-size N >> (s + 1))
+        return T.shift_left(T.shift_right(p, log_n - 1 - s), log_n - s) + T.bitwise_and(
+            p, T.shift_right(length, s + 1) - 1)
+
+    def dif_twiddle(p, s):
+        return T.shift_left(T.bitwise_and(p, T.shift_right(length, s + 1) - 1), s)
+
+    def dit_a(p, s):  # first index of butterfly p in DIT stage s (half-size 1 << s)
+        return T.shift_left(T.shift_right(p, s), s + 1) + T.bitwise_and(p, T.shift_left(1, s) - 1)
+
+    def dit_twiddle(p, s):
+        return T.shift_left(T.bitwise_and(p, T.shift_left(1, s) - 1), log_n - 1 - s)
+
+    @T.prim_func(s_tir=True)
+    def attention(phi_q: T.Buffer((batch, heads, n, features), "float32"),
+                  phi_k: T.Buffer((batch, heads, n, features), "float32"),
+                  v: T.Buffer((batch, heads, n, head_size), "float32"),
+                  kw: T.Buffer((weight_rows, n), "float32"),
+                  g: T.Buffer((2, heads, length), dtype),
+                  wr: T.Buffer((half_n,), dtype), wi: T.Buffer((half_n,), dtype),
+                  out: T.Buffer((batch, heads, n, head_size), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            xr = T.alloc_buffer((tasks, 2, length, cb), dtype)
+            xi = T.alloc_buffer((tasks, 2, length, cb), dtype)
+            acc = T.alloc_buffer((tasks, n, width), dtype)
+            for task in T.parallel(tasks):
+                for i in range(n):
+                    for e in range(width):
+                        acc[task, i, e] = T.Cast(dtype, 0)
+                for blk in range(blocks):
+                    # load x (zero past n) fused with the first DIF stage (x[t + N/2] = 0), slot 0
+                    for t in range(half_n):
+                        for c in T.vectorized(cb):
+                            xr[task, 0, t, c] = key_value(phi_k, kw, v, task, t, blk * cb + c, False)
+                            xi[task, 0, t, c] = key_value(phi_k, kw, v, task, t, blk * cb + c, True)
+                            xr[task, 0, t + half_n, c] = xr[task, 0, t, c] * wr[t] - xi[task, 0, t, c] * wi[t]
+                            xi[task, 0, t + half_n, c] = xr[task, 0, t, c] * wi[t] + xi[task, 0, t, c] * wr[t]
+                    # DIF stages over the whole array: stage s reads slot (s - 1) % 2, writes s % 2
+                    for s in range(1, dif_local):
+                        for p in range(half_n):
+                            for c in T.vectorized(cb):
+                                xr[task, s % 2, dif_a(p, s), c] = (
+                                    xr[task, 1 - s % 2, dif_a(p, s), c]
+                                    + xr[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                xi[task, s % 2, dif_a(p, s), c] = (
+                                    xi[task, 1 - s % 2, dif_a(p, s), c]
+                                    + xi[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                xr[task, s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c] = (
+                                    (xr[task, 1 - s % 2, dif_a(p, s), c]
+                                     - xr[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    * wr[dif_twiddle(p, s)]
+                                    - (xi[task, 1 - s % 2, dif_a(p, s), c]
+                                       - xi[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    * wi[dif_twiddle(p, s)])
+                                xi[task, s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c] = (
+                                    (xr[task, 1 - s % 2, dif_a(p, s), c]
+                                     - xr[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    * wi[dif_twiddle(p, s)]
+                                    + (xi[task, 1 - s % 2, dif_a(p, s), c]
+                                       - xi[task, 1 - s % 2, dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    * wr[dif_twiddle(p, s)])
+                    # per sub-block of ``local`` points (in cache): the remaining DIF stages, the
+                    # product with the kernel's spectrum (both bit-reversed), the first DIT stages
+                    for q in range(length // local):
+                        for s in range(dif_local, log_n):
+                            for p in range(local // 2):
+                                for c in T.vectorized(cb):
+                                    xr[task, s % 2, q * local + dif_a(p, s), c] = (
+                                        xr[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                        + xr[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    xi[task, s % 2, q * local + dif_a(p, s), c] = (
+                                        xi[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                        + xi[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                    xr[task, s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c] = (
+                                        (xr[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                         - xr[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                        * wr[dif_twiddle(p, s)]
+                                        - (xi[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                           - xi[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                        * wi[dif_twiddle(p, s)])
+                                    xi[task, s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c] = (
+                                        (xr[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                         - xr[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                        * wi[dif_twiddle(p, s)]
+                                        + (xi[task, 1 - s % 2, q * local + dif_a(p, s), c]
+                                           - xi[task, 1 - s % 2, q * local + dif_a(p, s) + T.shift_right(length, s + 1), c])
+                                        * wr[dif_twiddle(p, s)])
+                        for f in range(local):
+                            for c in T.vectorized(cb):
+                                xr[task, after_product, q * local + f, c] = (
+                                    xr[task, after_dif, q * local + f, c] * g[0, task % heads, q * local + f]
+                                    - xi[task, after_dif, q * local + f, c] * g[1, task % heads, q * local + f])
+                                xi[task, after_product, q * local + f, c] = (
+                                    xr[task, after_dif, q * local + f, c] * g[1, task % heads, q * local + f]
+                                    + xi[task, after_dif, q * local + f, c] * g[0, task % heads, q * local + f])
+                        for s in range(local_log):
+                            for p in range(local // 2):
+                                for c in T.vectorized(cb):
+                                    xr[task, (after_product + s + 1) % 2, q * local + dit_a(p, s), c] = (
+                                        xr[task, (after_product + s) % 2, q * local + dit_a(p, s), c]
+                                        + (xr[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                           + xi[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                    xi[task, (after_product + s + 1) % 2, q * local + dit_a(p, s), c] = (
+                                        xi[task, (after_product + s) % 2, q * local + dit_a(p, s), c]
+                                        + (xi[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                           - xr[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                    xr[task, (after_product + s + 1) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] = (
+                                        xr[task, (after_product + s) % 2, q * local + dit_a(p, s), c]
+                                        - (xr[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                           + xi[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                    xi[task, (after_product + s + 1) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] = (
+                                        xi[task, (after_product + s) % 2, q * local + dit_a(p, s), c]
+                                        - (xi[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                           - xr[task, (after_product + s) % 2, q * local + dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                    # the other DIT stages over the whole array, all but the last
+                    for s in range(local_log, log_n - 1):
+                        for p in range(half_n):
+                            for c in T.vectorized(cb):
+                                xr[task, (after_product + s + 1) % 2, dit_a(p, s), c] = (
+                                    xr[task, (after_product + s) % 2, dit_a(p, s), c]
+                                    + (xr[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                       + xi[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                xi[task, (after_product + s + 1) % 2, dit_a(p, s), c] = (
+                                    xi[task, (after_product + s) % 2, dit_a(p, s), c]
+                                    + (xi[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                       - xr[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                xr[task, (after_product + s + 1) % 2, dit_a(p, s) + T.shift_left(1, s), c] = (
+                                    xr[task, (after_product + s) % 2, dit_a(p, s), c]
+                                    - (xr[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                       + xi[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                                xi[task, (after_product + s + 1) % 2, dit_a(p, s) + T.shift_left(1, s), c] = (
+                                    xi[task, (after_product + s) % 2, dit_a(p, s), c]
+                                    - (xi[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wr[dit_twiddle(p, s)]
+                                       - xr[task, (after_product + s) % 2, dit_a(p, s) + T.shift_left(1, s), c] * wi[dit_twiddle(p, s)]))
+                    # last DIT stage (only outputs i < n <= N/2) and the contraction with phi(q)
+                    for i in range(n):
+                        for c in contract_loop(cb):
+                            acc[task, i, (blk * cb + c) % width] = acc[task, i, (blk * cb + c) % width] + (
+                                query_value(phi_q, task, i, blk * cb + c, False) * (
+                                    xr[task, last, i, c] + (xr[task, last, i + half_n, c] * wr[i]
+                                                            + xi[task, last, i + half_n, c] * wi[i]))
+                                + query_value(phi_q, task, i, blk * cb + c, True) * (
+                                    xi[task, last, i, c] + (xi[task, last, i + half_n, c] * wr[i]
+                                                            - xr[task, last, i + half_n, c] * wi[i])))
+                for i in range(n):
+                    for d in range(head_size):
+                        out[task // heads, task % heads, i, d] = T.Cast("float32", acc[task, i, d] / T.max(
+                            acc[task, i, head_size], T.Cast(dtype, TINY)))
+
+    return attention
