@@ -300,8 +300,8 @@ class Runner:
         import tvm
         from tvm import relax
 
-        if threads:
-            _set_threads(int(threads))
+        # the thread count TVM's kernels run on (None: left as the process has it)
+        self.threads = _set_threads(int(threads)) if threads else None
         self.meta = meta
         self.device = tvm.device(device) if isinstance(device, str) else device
         self.vm = relax.VirtualMachine(module, self.device)
@@ -356,21 +356,15 @@ class Runner:
 _POOL = {"started": False}
 
 
-def _set_threads(threads: int) -> None:
-    """TVM's CPU thread pool is process-wide and sized from TVM_NUM_THREADS when it starts (the
-    first parallel kernel; its default here is 1 thread); ``runtime.config_threadpool`` does not
-    resize it in 0.27. So the variable is set before the first run, and a later different
-    request only warns."""
-    import warnings
+def _set_threads(threads: int) -> int:
+    """Run TVM's CPU kernels on ``threads`` threads in this process; returns the count they will
+    use (a pool already larger is shrunk, one already smaller warns: it needs a new process).
+    See ``kernelize.deploy.runner.set_tvm_threads`` for how TVM 0.27 sizes its pool."""
+    import tvm
 
-    current = os.environ.get("TVM_NUM_THREADS")
-    if current == str(threads):
-        return
-    if _POOL["started"]:
-        warnings.warn(f"TVM's thread pool already runs with TVM_NUM_THREADS={current}; "
-                      f"{threads} thread(s) need a new process", RuntimeWarning, stacklevel=3)
-        return
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    from kernelize.deploy.runner import set_tvm_threads
+
+    return set_tvm_threads(tvm, threads)
 
 
 def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> Runner:

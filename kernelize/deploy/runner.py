@@ -185,21 +185,52 @@ class _OrtSession:
 
 
 def import_tvm(threads: int | None = None):
-    """Import the TVM runtime; ``threads`` sets its thread pool (TVM_NUM_THREADS before the
-    first import, runtime.config_threadpool after)."""
-    if threads and "tvm" not in sys.modules:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+    """Import the TVM runtime; ``threads`` sets the thread count of its CPU kernels in this
+    process (:func:`set_tvm_threads`)."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))  # before anything in TVM reads it
     try:
         import tvm
         import tvm.runtime
     except ImportError:
         raise KernelizeError("running a tvm artifact needs the TVM runtime (pip install apache-tvm)") from None
     if threads:
-        try:
-            tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
-        except Exception:  # noqa: BLE001 - a runtime without it keeps its default
-            pass
+        set_tvm_threads(tvm, int(threads))
     return tvm
+
+
+def set_tvm_threads(tvm, threads: int) -> int:
+    """Make TVM's CPU kernels run on ``threads`` threads; return the count they will use.
+
+    What TVM 0.27's runtime does (measured here): each parallel kernel reads TVM_NUM_THREADS
+    when it launches; at 1 it runs inline on the calling thread and no thread pool exists.
+    Otherwise it runs on the calling thread's pool, which is created at the first launch with
+    that many threads and never grows. ``runtime.config_threadpool`` can only shrink a pool,
+    and creating a pool of 1 (which it and ``runtime.NumThreads`` do) pins the calling thread
+    to CPU 0: two such processes share one core and each runs at half speed. So: set the
+    variable (enough for 1 thread, and for a pool not created yet); for more threads, create
+    or query the pool, shrink it without pinning when it is larger, and warn when it is
+    smaller (that needs a new process)."""
+    import warnings
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        return 1
+    pool_size = tvm.get_global_func("runtime.NumThreads")
+    have = int(pool_size())
+    if have > threads:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # no sched_getaffinity (macOS)
+            cpus = list(range(os.cpu_count() or 1))
+        share_all_cores = -3  # TVM's AffinityMode kSpecifyThreadShareAllCore: no pinning
+        tvm.get_global_func("runtime.config_threadpool")(share_all_cores, threads, [str(c) for c in cpus])
+        have = int(pool_size())
+    if have != threads:
+        warnings.warn(f"TVM's thread pool in this process already runs {have} thread(s); {threads} need a "
+                      "new process (set TVM_NUM_THREADS before the first TVM kernel runs)",
+                      RuntimeWarning, stacklevel=3)
+    return have
 
 
 def vm_class(tvm):
@@ -230,8 +261,9 @@ def flatten_outputs(value) -> list:
 
 class _TvmSession:
     def __init__(self, art: artifact_mod.Artifact, threads: int):
-        tvm = import_tvm(threads)
+        tvm = import_tvm()
         check_tvm_version(art.manifest, tvm)
+        self.threads = set_tvm_threads(tvm, threads)  # what the kernels will really use
         self.tvm = tvm
         self.entry = art.manifest.get("entry", "main")
         self.n_outputs = len(art.outputs)
@@ -290,11 +322,11 @@ class Runner:
         if threads < 1:
             raise KernelizeError("threads must be at least 1")
         self.artifact = art
-        self.threads = threads
         self.inputs = art.inputs
         self.outputs = art.outputs
         session = {"ort": _OrtSession, "tvm": _TvmSession}[art.backend]
         self._session = session(art, threads)
+        self.threads = getattr(self._session, "threads", threads)  # tvm: the count its pool really runs
 
     @property
     def manifest(self) -> dict:
