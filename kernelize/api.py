@@ -69,7 +69,7 @@ def _check_choices(recipe: str, backend: str) -> None:
 
 def inspect(model: Any, example_inputs: Any = None, *, calib: Any = None, recipe: str | None = None,
             rewrites: list[str] | None = None, layers: str | None = None, metric: Any = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+            calibration_cache: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Sites found (after canonicalization) and near misses, without rewriting.
 
     With ``calib`` (or a ``recipe`` other than exact, or ``rewrites``), also every candidate
@@ -86,7 +86,8 @@ def inspect(model: Any, example_inputs: Any = None, *, calib: Any = None, recipe
             _check_choices(recipe, "ort")
         _, candidates = select.approximate_model(
             ir_model, recipe or "fast", calib=calib, rewrites=approximate.parse_rewrites(rewrites) or None,
-            layers=approximate.parse_layers(layers), metric=metric, select=False, say=progress or (lambda m: None))
+            layers=approximate.parse_layers(layers), metric=metric, select=False,
+            calibration_cache=calibration_cache, say=progress or (lambda m: None))
         ir_model = ir.from_proto(ir.to_proto(ir_model))
     sites, misses = fuse(ir_model)
     report = _sites_report(name, sites, misses)
@@ -111,13 +112,15 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
              measure_latency: bool = True, latency_runs: int = 20, threads: int = 1,
              calib: Any = None, max_error: float | None = None, rewrites: list[str] | None = None,
              layers: str | None = None, metric: Any = None, method_options: dict | None = None,
-             progress: Callable[[str], None] | None = None) -> Result:
+             calibration_cache: dict | None = None, progress: Callable[[str], None] | None = None) -> Result:
     """Capture, canonicalize, fuse, verify, lower and (optionally) save ``model``.
 
     ``backend="ort"`` lowers to ONNX Runtime kernels (target ``cpu``); ``backend="tvm"``
     compiles with Apache TVM for ``target`` (``cpu``, ``cuda``, ``arm64`` or a TVM target as
     JSON), specialized to ``shape`` ({"batch": B, "seq": S}, default 1 x 128), with
     ``tune_trials`` MetaSchedule trials recorded in ``tuning_db``.
+    ``calibration_cache`` (a dict) lets several calls on the same model and calibration
+    inputs fit and measure each approximate candidate once.
 
     ``recipe="fast"`` (approximate attention) or ``"edge"`` (approximate projections), or
     ``rewrites`` such as ``["attention=linear:hedgehog"]``, calibrate on ``calib`` (an
@@ -174,7 +177,7 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
         t = step(f"approximate rewrites ({recipe})")
         ir_model, approx_section = select.approximate_model(
             ir_model, recipe, calib=calib, max_error=max_error, rewrites=rewrite_spec, layers=layer_set,
-            metric=metric, method_options=method_options, say=say)
+            metric=metric, method_options=method_options, calibration_cache=calibration_cache, say=say)
         timings["approximate_s"] = time.perf_counter() - t
     canonical = ir.to_proto(ir_model)  # the reference for the per-site checks
     t = step("fusing")

@@ -267,7 +267,7 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
                 x = x[mask]
             x = x.reshape(-1, x.shape[-1])
             if len(x) > MAX_PROJECTION_TOKENS:
-                x = x[np.random.default_rng(0).choice(len(x), MAX_PROJECTION_TOKENS, replace=False)]
+                x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_PROJECTION_TOKENS, replace=False))]
             captured[s.id] = CapturedProjection(x, const_array(site.inputs[1]),
                                                 const_array(site.inputs[2]) if site.inputs[2] is not None else None)
     return captured
@@ -362,9 +362,11 @@ def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict |
     half = (n + 1) // 2 if n > 1 else n
     if s.kind == "attention":
         fit_part, test_part = captured.take(slice(0, half)), captured.take(slice(half, n) if n > 1 else slice(0, n))
-    else:
-        fit_part, test_part = captured, captured  # tokens: fitted on all, judged end to end
-    exact = exact_output(s, full.take(slice(half, n) if n > 1 else slice(0, n)) if s.kind == "attention" else full)
+    else:  # tokens in sample order: the first half's tokens fit, the rest judge
+        fit_part = dataclasses.replace(captured, x=captured.x[:half])
+        test_part = dataclasses.replace(captured, x=captured.x[half:] if n > 1 else captured.x)
+    exact = exact_output(s, full.take(slice(half, n) if n > 1 else slice(0, n)) if s.kind == "attention"
+                         else test_part)
     candidates = []
     shape = site_shape(s, captured)
     for name in method_names:

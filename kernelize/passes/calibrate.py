@@ -43,6 +43,17 @@ class CalibrationSet:
         shapes = [a.shape for a in self.feeds.values() if a.ndim >= 2]
         return int(shapes[0][1]) if shapes else None
 
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the calibration inputs (for caches of fitted candidates)."""
+        import hashlib
+
+        digest = hashlib.sha1()
+        for name in sorted(self.feeds):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self.feeds[name]).tobytes())
+        return digest.hexdigest()[:16]
+
     def part(self, which: slice) -> dict[str, np.ndarray]:
         return {k: v[which] for k, v in self.feeds.items()}
 

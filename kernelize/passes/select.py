@@ -12,6 +12,7 @@ attention runs, from measured timings at several lengths.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -70,9 +71,13 @@ def resolve_metric(metric: str | Metric | None) -> tuple[str, Metric]:
 def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: float | None = None,
                       rewrites: dict[str, list[str]] | None = None, layers: set[int] | None = None,
                       metric: str | Metric | None = None, method_options: dict | None = None,
-                      select: bool = True, say: Callable[[str], None] = lambda m: None) -> tuple[ir.Model, dict]:
+                      select: bool = True, calibration_cache: dict | None = None, say: Callable[[str], None] = lambda m: None) -> tuple[ir.Model, dict]:
     """Fit, measure and (with ``select``) choose approximate rewrites for ``model`` (canonical
-    form). Returns the rewritten model and the report section."""
+    form). Returns the rewritten model and the report section.
+
+    ``calibration_cache``: a dict shared by several calls on the same model and calibration
+    inputs (e.g. one inspection, then several budgets): each site's candidates are fitted and
+    measured once."""
     started = time.perf_counter()
     kinds = tuple(rewrites) if rewrites else RECIPE_KINDS.get(recipe, ("attention",))
     names_by_kind = {k: (rewrites or {}).get(k) or approximate.methods_for(k, None) for k in kinds}
@@ -112,7 +117,12 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
         return metric_fn(reference_held, calibrate.run(candidate, calib, calib.held_out), held_feeds)
 
     all_candidates: dict[str, list[approximate.Candidate]] = {}
+    cache = {} if calibration_cache is None else calibration_cache
     for s in sites:
+        key = (s.id, tuple(names_by_kind[s.kind]), calib.fingerprint, metric_name, repr(method_options))
+        if key in cache:  # fitted and measured by an earlier call on the same model and calibration
+            all_candidates[s.id] = cache[key]
+            continue
         say(f"{s.id} ({s.name}): fitting {len(names_by_kind[s.kind])} candidate(s)")
         cands = approximate.fit_candidates(s, captured, names_by_kind[s.kind], method_options, say)
         view = captured[s.id]
@@ -124,18 +134,20 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             if screen and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
                 c.reason = f"site error {c.site_error:.3g} > {HOPELESS_SITE_ERROR}: end-to-end run skipped"
                 continue
-            if screen and c.measured_speedup < 1.0:
-                c.reason = f"slower than exact at seq {calib.seq} (measured x{c.measured_speedup:.2f})"
+            if screen and gain(c) <= 0:
+                c.reason = f"no gain at seq {calib.seq} (measured x{c.measured_speedup:.2f})"
                 continue
             say(f"  {s.id}: end-to-end error of {c.method}")
             c.error = end_to_end({s.id: c.fitted})
-        all_candidates[s.id] = cands
+        all_candidates[s.id] = cache[key] = cands
 
     chosen: dict[str, approximate.Candidate] = {}
     backed_off: list[dict] = []
     held_out_error = 0.0
     if select:
-        chosen = _choose(sites, all_candidates, budget, forced)
+        chosen = {k: dataclasses.replace(c, fitted=dataclasses.replace(c.fitted, attrs=dict(c.fitted.attrs),
+                                                                         info=dict(c.fitted.info)))
+                  for k, c in _choose(sites, all_candidates, budget, forced).items()}
         while chosen:
             say(f"verifying {len(chosen)} rewrite(s) together on held-out samples")
             held_out_error = end_to_end({k: c.fitted for k, c in chosen.items()}, "held_out")
@@ -177,16 +189,27 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     return approximate.variant(base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), section
 
 
+def gain(c: approximate.Candidate) -> float:
+    """What a candidate saves at its site, as a fraction: attention, the time (measured
+    speed alone); a projection, the time or the weight bytes, whichever saves more."""
+    saved = 1.0 - 1.0 / c.measured_speedup if c.measured_speedup else 0.0
+    info = c.fitted.info if c.fitted is not None else {}
+    if info.get("dense_weight_bytes"):
+        saved = max(saved, 1.0 - info["weight_bytes"] / info["dense_weight_bytes"])
+    return saved
+
+
 def _choose(sites, candidates, budget: float, forced: bool) -> dict:
-    """Per site the fastest candidate that fits what is left of the budget."""
+    """Per site the candidate with the largest gain that fits what is left of the budget,
+    sites with the best gain per unit of error first."""
     if forced:  # the user named the rewrite: the first fitted candidate per site
         return {s.id: next(c for c in candidates[s.id] if c.fitted is not None)
                 for s in sites if any(c.fitted is not None for c in candidates[s.id])}
-    options = {s.id: sorted((c for c in candidates[s.id] if c.error is not None and c.error <= budget),
-                            key=lambda c: -c.measured_speedup) for s in sites}
+    options = {s.id: sorted((c for c in candidates[s.id] if c.error is not None and c.error <= budget
+                             and gain(c) > 0), key=lambda c: -gain(c)) for s in sites}
 
-    def value(c):  # time saved at the site per unit of error
-        return (1.0 - 1.0 / c.measured_speedup) / max(c.error, 1e-9)
+    def value(c):
+        return gain(c) / max(c.error, 1e-9)
 
     order = sorted((sid for sid in options if options[sid]), key=lambda sid: -max(map(value, options[sid])))
     chosen, spent = {}, 0.0
@@ -217,7 +240,7 @@ def _why_exact(cands, budget, forced, select) -> str:
     fitted = [c for c in cands if c.fitted is not None]
     if not fitted:
         return "no candidate applies: " + "; ".join(f"{c.method}: {c.reason}" for c in cands)
-    errors = [c.error for c in fitted if c.error is not None]
+    errors = [c.error for c in fitted if c.error is not None and gain(c) > 0]
     if not errors:
         return "no candidate is worth an end-to-end run: " + "; ".join(
             f"{c.method}: {c.reason}" for c in fitted if c.reason)
