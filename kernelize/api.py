@@ -174,7 +174,7 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
         timings["custom_s"] = time.perf_counter() - t
     approx_section = None
     if approximating:
-        t = step(f"approximate rewrites ({recipe})")
+        t = step(f"approximate rewrites ({', '.join(rewrites) if rewrites else 'recipe ' + recipe})")
         ir_model, approx_section = select.approximate_model(
             ir_model, recipe, calib=calib, max_error=max_error, rewrites=rewrite_spec, layers=layer_set,
             metric=metric, method_options=method_options, calibration_cache=calibration_cache, say=say)

@@ -234,3 +234,20 @@ def _tiny_signature():
                                    [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT,
                                                                        ["batch", "seq"])])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+
+
+def test_rpe_rewrite_through_the_pipeline():
+    """MPT's ALiBi attention: the relative-position rewrite is fitted on captured activations
+    (the Toeplitz vector rebuilt from the runtime length) and the rewritten model runs."""
+    from test_positional import build_mpt, export, feeds_of
+
+    _, model = export(build_mpt)
+    calib = {k: np.concatenate([v, v[::-1]]) for k, v in feeds_of(4, 24).items()}
+    result = kernelize.optimize(ir.to_proto(model), rewrites=["attention=rpe:elu"], calib=calib,
+                                measure_latency=False)
+    section = result.report["approximate"]
+    assert sorted(section["chosen"]) == ["attention[0]", "attention[1]"]
+    for site in section["sites"]:
+        assert 0 < site["site_error"] < 0.2 and 0 < site["end_to_end_error"] < 0.2
+    assert [n.op_type for n in result.model.graph if n.domain == "kernelize"].count("RPEAttention") == 2
+    assert 0 < section["held_out_error"] < 0.2

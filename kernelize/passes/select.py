@@ -90,8 +90,9 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
 
     say("calibration: loading inputs")
     calib = calib if isinstance(calib, calibrate.CalibrationSet) else calibrate.load(model, calib)
-    base = ir.to_proto(model)
-    sites, misses = approximate.find(model, kinds, layers, toeplitz)
+    base = ir.to_proto(model)  # every variant starts from this; capture works on a copy
+    work = ir.from_proto(base)
+    sites, misses = approximate.find(work, kinds, layers, toeplitz)
     section = {"recipe": recipe, "kinds": list(kinds), "calibration": calib.source,
                "calibration_samples": {"fit": calib.fit.stop - calib.fit.start,
                                        "held_out": calib.held_out.stop - calib.held_out.start},
@@ -103,8 +104,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
         return model, section
 
     say(f"calibration: capturing activations at {len(sites)} site(s)")
-    captured = approximate.capture(model, sites, calib)
-    base = ir.to_proto(model)  # with the nodes capture added (masks, relative-position vectors)
+    captured = approximate.capture(work, sites, calib)
     say("calibration: running the original model")
     reference_fit = calibrate.run(base, calib, calib.fit)
     reference_held = calibrate.run(base, calib, calib.held_out)
