@@ -1,5 +1,6 @@
 """Toeplitz relative-position biases found in real exported graphs (random-weight MPT with
-ALiBi, T5 encoder with bucketed relative bias; BLOOM below), proven by
+ALiBi, T5 encoder with bucketed relative bias, BLOOM with ALiBi on cumsum(attention_mask)
+positions after canonicalization of its [batch * heads, n, n] products), proven by
 ``kernelize.patterns.positional.match_toeplitz`` and used to replace each attention site by
 ``kernelize.RPEAttention``.
 
@@ -25,10 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import kernelize  # noqa: E402
 from kernelize.backends import ort as ort_backend  # noqa: E402
 from kernelize.frontends.torch import capture  # noqa: E402
 from kernelize.ops import rpe_attention as rpe  # noqa: E402
 from kernelize.ops.base import add_initializer  # noqa: E402
+from kernelize.passes.canonicalize import canonicalize  # noqa: E402
 from kernelize.passes.fuse import apply_site  # noqa: E402
 from kernelize.patterns.attention import AttentionPattern  # noqa: E402
 from kernelize.patterns.positional import Toeplitz, match_toeplitz  # noqa: E402
@@ -36,12 +39,17 @@ from kernelize.patterns.positional import Toeplitz, match_toeplitz  # noqa: E402
 HIDDEN, HEADS, LAYERS, VOCAB = 64, 4, 2, 100
 
 
-def text_inputs(batch: int, seq: int, pad: bool = True) -> dict:
+def text_inputs(batch: int, seq: int, pad: bool = True, left: bool = False) -> dict:
+    """Random tokens; with ``pad`` the last row's final third is padding (its first third with
+    ``left``)."""
     gen = torch.Generator().manual_seed(batch * 100 + seq)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad and batch > 1:
-        mask[-1, seq - seq // 3:] = 0
+        if left:
+            mask[-1, :seq // 3] = 0
+        else:
+            mask[-1, seq - seq // 3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -80,15 +88,22 @@ def build_bloom():
     return transformers.BloomModel(config)
 
 
-MODELS = {"mpt": (build_mpt, "alibi", True), "t5": (build_t5, "t5", False)}
+# name: (builder, Toeplitz source, causal, canonicalize first)
+MODELS = {"mpt": (build_mpt, "alibi", True, False), "t5": (build_t5, "t5", False, False),
+          "bloom": (build_bloom, "alibi", True, True)}
 
 
-def export(builder):
+def export(builder, canonical: bool = False):
     torch.manual_seed(0)
     module = builder().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return module, capture(module, text_inputs(2, 16))
+        model = capture(module, text_inputs(2, 16))
+    if canonical:
+        # BLOOM's baddbmm/bmm over [batch * heads, n, n] becomes the [B, H, n, n] form
+        counts = canonicalize(model)
+        assert counts.get("batched_head_attention") == 2 * LAYERS, counts
+    return module, model
 
 
 def attention_cores(model: ir.Model):
@@ -106,8 +121,8 @@ def outputs(model: ir.Model, feeds: dict, names=None) -> dict:
     return ort_backend.run(session, feeds, names)
 
 
-def feeds_of(batch: int, seq: int) -> dict:
-    return {k: v.numpy() for k, v in text_inputs(batch, seq).items()}
+def feeds_of(batch: int, seq: int, left: bool = False) -> dict:
+    return {k: v.numpy() for k, v in text_inputs(batch, seq, left=left).items()}
 
 
 def rewrite(model: ir.Model, feature_map: str, exact_below: int) -> list[Toeplitz]:
@@ -130,8 +145,8 @@ def rewrite(model: ir.Model, feature_map: str, exact_below: int) -> list[Toeplit
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def exported(request):
-    builder, source, causal = MODELS[request.param]
-    module, model = export(builder)
+    builder, source, causal, canonical = MODELS[request.param]
+    module, model = export(builder, canonical)
     return request.param, module, model, source, causal
 
 
@@ -203,15 +218,37 @@ def test_rpe_rewrite_end_to_end(exported, feature_map):
             assert math.isfinite(error)
 
 
-@pytest.mark.xfail(strict=True, reason="BLOOM's attention is a 3-D baddbmm over [batch * heads, n, n] with "
-                                       "its ALiBi from cumsum(attention_mask); AttentionPattern does not "
-                                       "match it yet")
-def test_bloom_sites_are_toeplitz():
-    _, model = export(build_bloom)
-    cores, misses = attention_cores(model)
-    print("bloom near misses:", misses)
-    assert len(cores) == LAYERS
-    assert all(isinstance(match_toeplitz(c.inputs[3], model), Toeplitz) for c in cores)
+@pytest.mark.parametrize("exported", ["bloom"], indirect=True)
+def test_bloom_left_padding_and_exact_recipe(exported):
+    """BLOOM's ALiBi positions are cumsum(attention_mask) - 1: with left padding they are
+    j - (pads before), still Toeplitz up to a constant per row, so the exact-path RPE rewrite
+    keeps the output; and ``kernelize.optimize(recipe="exact")`` keeps BLOOM within 1e-4."""
+    _, module, model, _, _ = exported
+    for site in attention_cores(model)[0]:
+        found = match_toeplitz(site.inputs[3], model)
+        assert "contiguous" in found.info["assumes"] and found.info["positions"] == "cumsum(attention_mask) - 1"
+    original = ir.from_proto(ir.to_proto(model))
+    rewritten = ir.from_proto(ir.to_proto(model))
+    rewrite(rewritten, "elu", exact_below=10_000)
+    feeds = feeds_of(3, 19, left=True)
+    assert feeds["attention_mask"][-1, 0] == 0
+    names = [o.name for o in original.graph.outputs][:1]
+    before = outputs(original, feeds, names)[names[0]]
+    after = outputs(rewritten, feeds, names)[names[0]]
+    real = feeds["attention_mask"].astype(bool)  # a padded query's output is not compared
+    error = float(np.max(np.abs(after.astype(np.float64) - before)[real]))
+    print(f"bloom exact RPE rewrite, left padding: max abs error {error:.3g} on real tokens")
+    assert error <= 1e-4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = kernelize.optimize(module, text_inputs(2, 16), recipe="exact", measure_latency=False)
+    report = result.report
+    attention = [s for s in report["sites"] if s["kind"] == "attention"]
+    assert len(attention) == LAYERS, report["near_misses"]
+    errors = report["end_to_end"]["outputs"]
+    assert errors and all(e <= 1e-4 for e in errors.values()), errors
+    print("bloom exact recipe end-to-end errors:", errors)
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -261,3 +298,44 @@ def test_mask_alone_is_refused():
     mask = ir.Value(name="mask", shape=ir.Shape([2, 1, 1, 7]), type=ir.TensorType(ir.DataType.FLOAT))
     reason = match_toeplitz(mask, None)
     assert isinstance(reason, str) and "no term" in reason
+
+
+def _cumsum_alibi_bias(mask_from_positions: bool, reverse: int = 0) -> ir.Value:
+    """BLOOM's bias spelled by hand: Unsqueeze(slopes * ((cumsum(M) - 1) * M)[:, None], 2) plus
+    a key-padding mask computed from M (or from another input)."""
+    i64, f32 = ir.TensorType(ir.DataType.INT64), ir.TensorType(ir.DataType.FLOAT)
+    m = ir.Value(name="M", shape=ir.Shape(["B", "n"]), type=i64)
+    other = ir.Value(name="other_mask", shape=ir.Shape(["B", 1, 1, "n"]), type=f32)
+
+    def const(name, array):
+        return ir.Value(name=name, const_value=ir.tensor(np.asarray(array)))
+
+    def op(op_type, inputs, shape, dtype=f32, **attributes):
+        attrs = [ir.convenience.convert_attribute(k, v) for k, v in attributes.items()]
+        node = ir.Node("", op_type, inputs, attributes=attrs, num_outputs=1)
+        node.outputs[0].shape, node.outputs[0].type = ir.Shape(shape), dtype
+        return node.outputs[0]
+
+    cumsum = op("CumSum", [m, const("axis", np.int64(1))], ["B", "n"], i64, reverse=reverse)
+    positions = op("Mul", [op("Sub", [cumsum, const("one", np.int64(1))], ["B", "n"], i64), m], ["B", "n"], i64)
+    positions = op("Cast", [op("Unsqueeze", [positions, const("a1", [1])], ["B", 1, "n"], i64)], ["B", 1, "n"], to=1)
+    slopes = const("slopes", np.array([[0.5], [0.25]], np.float32))
+    alibi = op("Unsqueeze", [op("Mul", [slopes, positions], ["B", 2, "n"]), const("a2", [2])], ["B", 2, 1, "n"])
+    if mask_from_positions:
+        dropped = op("Sub", [const("one_f", np.float32(1)), op("Cast", [m], ["B", "n"], to=1)], ["B", "n"])
+        padding = op("Unsqueeze", [op("Mul", [dropped, const("big", np.float32(-1e9))], ["B", "n"]),
+                                   const("a12", [1, 2])], ["B", 1, 1, "n"])
+    else:
+        padding = other
+    return op("Add", [alibi, padding], ["B", 2, 1, "n"])
+
+
+def test_cumsum_alibi_needs_a_mask_from_the_same_positions():
+    found = match_toeplitz(_cumsum_alibi_bias(True), None)
+    assert isinstance(found, Toeplitz) and found.source == "alibi" and not found.causal, found
+    assert found.info["slopes"] == [0.5, 0.25] and "contiguous" in found.info["assumes"]
+    reason = match_toeplitz(_cumsum_alibi_bias(False), None)
+    print("cumsum ALiBi, unrelated mask:", reason)
+    assert isinstance(reason, str) and "no mask drops the keys" in reason
+    reason = match_toeplitz(_cumsum_alibi_bias(True, reverse=1), None)
+    assert isinstance(reason, str) and "reversed" in reason

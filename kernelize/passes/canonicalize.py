@@ -6,6 +6,7 @@ rounding); constant folding comes from onnxscript's optimizer.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -307,6 +308,188 @@ def constant_last(graph: ir.Graph, node: ir.Node) -> bool:
     return False
 
 
+# -- batched-head attention: [B * H, n, d] MatMuls -> [B, H, n, d] -----------------------------
+# BLOOM (baddbmm/bmm) merges batch and heads into one axis around each attention product:
+#   Reshape(MatMul(Reshape(A, [B*H, a, b]), Reshape(C, [B*H, b, c])) [* s] [+ t], [B, H, a, c])
+# Merging the two leading axes, multiplying per merged batch and splitting them again is the
+# 4-D batched MatMul(A, C) itself (row-major reshapes only regroup the leading axes). Every
+# target shape is evaluated symbolically (products of dims included) and compared with A's and
+# C's own dims; anything not proven leaves the graph as it is.
+
+
+def _product(factors: list) -> tuple:
+    """A product of dims as (integer coefficient, multiset of symbolic factors)."""
+    coefficient, symbols = 1, collections.Counter()
+    for f in factors:
+        if isinstance(f, int):
+            coefficient *= f
+        else:
+            symbols[f] += 1
+    return coefficient, frozenset(symbols.items())
+
+
+def _shape_products(value: ir.Value | None, depth: int = 0) -> list | None:
+    """A 1-D int64 shape tensor as a list of :func:`_product` items, or None.
+
+    Extends :func:`kernelize.graph.shape_elements` with ``Mul`` of one-element shape values
+    (the exporter's ``batch * heads``) and Reshape of one-element values.
+    """
+    node = producer(value)
+    if node is not None and depth < 16:
+        if node.op_type == "Concat":
+            parts = [_shape_products(v, depth + 1) for v in node.inputs]
+            return None if any(p is None for p in parts) else [x for p in parts for x in p]
+        if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
+            inner = _shape_products(node.inputs[0], depth + 1)
+            return inner if inner is not None and len(inner) == 1 else None
+        if node.op_type == "Mul":
+            a, b = (_shape_products(v, depth + 1) for v in node.inputs)
+            if a is None or b is None or len(a) != 1 or len(b) != 1 or a[0][0] < 0 or b[0][0] < 0:
+                return None
+            return [(a[0][0] * b[0][0], frozenset((collections.Counter(dict(a[0][1]))
+                                                   + collections.Counter(dict(b[0][1]))).items()))]
+    elements = shape_elements(value)
+    return None if elements is None else [_product([e]) for e in elements]
+
+
+def _reshapes_to(reshape: ir.Node, wanted: list) -> bool:
+    """Whether ``reshape``'s target is proven to be ``wanted`` (a list of factor lists);
+    one -1 is accepted (inferred from the others), a 0 is not (it would copy a dim)."""
+    if attr(reshape, "allowzero", 0) not in (0, 1):
+        return False
+    target = _shape_products(reshape.inputs[1])
+    if target is None or len(target) != len(wanted):
+        return False
+    wild = 0
+    for t, w in zip(target, wanted):
+        if t == _product([-1]):
+            wild += 1
+        elif t != _product(w):
+            return False
+    return wild <= 1
+
+
+def _merged_heads(value: ir.Value):
+    """value = Reshape(x, [X*Y, p, q]) of a rank-4 x shaped [X, Y, p, q] -> x, else None."""
+    reshape = producer(value, "Reshape")
+    if reshape is None or rank(value) != 3:
+        return None
+    x = reshape.inputs[0]
+    if rank(x) != 4:
+        return None
+    d = static_dims(x)
+    return x if _reshapes_to(reshape, [[d[0], d[1]], [d[2]], [d[3]]]) else None
+
+
+def _lift_bias(term: ir.Value, lead: list, new: list) -> ir.Value | None:
+    """A term added to [X*Y, p, q] scores, as a term added to [X, Y, p, q] scores, or None."""
+    r = rank(term)
+    if r is None:
+        return None
+    dims = static_dims(term)
+    if r < 3 or dims[0] == 1:  # it broadcasts over the merged axis: the same over X and Y
+        return term
+    reshape = producer(term, "Reshape")
+    source = reshape.inputs[0] if reshape is not None else None
+    if source is None or rank(source) not in (3, 4) or static_dims(source)[:2] != lead:
+        return None
+    s = static_dims(source)
+    if rank(source) == 4 and _reshapes_to(reshape, [lead, [s[2]], [s[3]]]):
+        return source  # Reshape([X, Y, p, q] -> [X*Y, p, q]) undone
+    if rank(source) == 3 and _reshapes_to(reshape, [lead, [1], [s[2]]]):  # BLOOM's ALiBi [B, H, n]
+        for user in source.uses():  # every layer adds the same term: lift it once
+            done = user.node
+            if (done.op_type == "Unsqueeze" and done.inputs[0] is source and len(done.inputs) > 1
+                    and const_array(done.inputs[1]) is not None and const_array(done.inputs[1]).tolist() == [2]):
+                return done.outputs[0]
+        axes = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([2], np.int64)))],
+                       num_outputs=1)
+        axes.outputs[0].name = f"{term.name}_head_axis"
+        new += [axes, ir.Node("", "Unsqueeze", [source, axes.outputs[0]], num_outputs=1)]
+        lifted = new[-1].outputs[0]
+        lifted.name = f"{term.name}_4d"
+        lifted.shape, lifted.type = ir.Shape([*list(source.shape)[:2], 1, source.shape[2]]), source.type
+        return lifted
+    return None
+
+
+def _reaches_product(value: ir.Value, depth: int = 0) -> bool:
+    """Whether ``value`` is a rank-3 MatMul, possibly scaled by constants and with terms added."""
+    step = producer(value)
+    if step is None or depth > 8 or rank(value) != 3:
+        return False
+    if step.op_type == "MatMul":
+        return True
+    if step.op_type == "Mul" and scalar_const(step.inputs[1]) is not None:
+        return _reaches_product(step.inputs[0], depth + 1)
+    return step.op_type == "Add" and any(_reaches_product(v, depth + 1) for v in step.inputs)
+
+
+def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(MatMul(merge(A), merge(C) or Transpose(merge(K), [0, 2, 1])) [* s | + t]..., [X, Y, a, c])
+    -> MatMul(A, C or Transpose(K, [0, 1, 3, 2])) [* s | + lift(t)]... (see above).
+
+    ``merge(x)`` is Reshape([X, Y, p, q] -> [X*Y, p, q]); ``s`` a scalar constant; ``t`` a term
+    that broadcasts over the merged axis or is itself a merge of a [X, Y, ...] tensor (BLOOM's
+    ALiBi). The inner dimension of the product is the original MatMul's own (checked by it).
+    """
+    if node.op_type != "Reshape" or rank(node.inputs[0]) != 3 or rank(node.outputs[0]) != 4:
+        return False
+    chain, value = [], node.inputs[0]
+    while True:  # walk back over scalar scales and added terms to the product
+        step = producer(value)
+        if step is None or len(value.uses()) != 1 or value.is_graph_output():
+            return False
+        if step.op_type == "MatMul":
+            break
+        if step.op_type == "Mul" and scalar_const(step.inputs[1]) is not None:
+            chain.append((step, 0))
+        elif step.op_type == "Add" and _reaches_product(step.inputs[0]):
+            chain.append((step, 0))
+        elif step.op_type == "Add" and _reaches_product(step.inputs[1]):
+            chain.append((step, 1))
+        else:
+            return False
+        value = step.inputs[chain[-1][1]]
+    matmul = step
+    a = _merged_heads(matmul.inputs[0])
+    transpose = producer(matmul.inputs[1], "Transpose")
+    if transpose is not None and list(attr(transpose, "perm", [])) == [0, 2, 1]:
+        c, transposed = _merged_heads(transpose.inputs[0]), True
+    else:
+        c, transposed = _merged_heads(matmul.inputs[1]), False
+    if a is None or c is None:
+        return False
+    da, dc = static_dims(a), static_dims(c)
+    lead = da[:2]
+    if dc[:2] != lead:
+        return False
+    columns = dc[2] if transposed else dc[3]
+    if not _reshapes_to(node, [[lead[0]], [lead[1]], [da[2]], [columns]]):
+        return False
+    new: list[ir.Node] = []
+    if transposed:
+        new.append(ir.Node("", "Transpose", [c], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])], num_outputs=1))
+        k, c = c, new[-1].outputs[0]
+        c.shape, c.type = ir.Shape([k.shape[0], k.shape[1], k.shape[3], k.shape[2]]), k.type
+    out_shape = ir.Shape([*list(a.shape)[:3], list(c.shape)[3]])
+    new.append(ir.Node("", "MatMul", [a, c], num_outputs=1))
+    for step, side in reversed(chain):
+        previous = new[-1].outputs[0]
+        if step.op_type == "Mul":
+            new.append(ir.Node("", "Mul", [previous, step.inputs[1]], num_outputs=1))
+        else:
+            term = _lift_bias(step.inputs[1 - side], lead, new)
+            if term is None:
+                return False
+            new.append(ir.Node("", "Add", [previous, term], num_outputs=1))
+    for n in new:
+        if n.op_type in ("MatMul", "Mul", "Add"):
+            n.outputs[0].shape, n.outputs[0].type = out_shape, node.outputs[0].type
+    graph.insert_before(node, new)
+    return _bypass(graph, node, new[-1].outputs[0])
+
+
 RULES = [gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
-         split_key_transpose, flattened_matmul, tanh_gelu,
+         split_key_transpose, flattened_matmul, batched_head_attention, tanh_gelu,
          div_to_mul, constant_last]

@@ -172,10 +172,16 @@ def _is_causal(bias: ir.Value) -> bool:
 
 
 def _scores_operand(add: ir.Node) -> int | None:
-    """Which operand of the mask Add carries the Q·K^T scores."""
+    """Which operand of the mask Add carries the Q·K^T scores: the (scaled) MatMul itself, or,
+    when the model adds several terms one after another (BLOOM: ALiBi, then the mask), an Add
+    chain that reaches it; a direct MatMul operand is preferred."""
     for i in (0, 1):
         value, _, _ = _strip_scale(add.inputs[i])
         if producer(value, "MatMul") is not None:
+            return i
+    for i in (0, 1):
+        inner = producer(add.inputs[i], "Add")
+        if inner is not None and len(add.inputs[i].uses()) == 1 and _scores_operand(inner) is not None:
             return i
     return None
 

@@ -15,6 +15,12 @@ term is Toeplitz and the rest is a mask:
   row, so it equals the Toeplitz ``c[h, d] = m_h d``; the vector is ``m_h * Range(-(n-1), n)``,
   valid at any n (ALiBi extrapolates); the model itself stops at its table length L
   (``info["table_length"]``).
+* ``alibi`` (BLOOM, after :func:`kernelize.passes.canonicalize.batched_head_attention`):
+  ``Unsqueeze(m_h * p[b, j], 2)`` with key positions ``p = (CumSum(M) - 1) * M`` from the
+  attention mask M. Assumed (not provable from the graph): each row of M is one contiguous
+  run of ones (left, right or no padding), so ``p = j - pads_before`` on real keys, a
+  constant per row that softmax cancels; the mask term must be computed from M (checked), so
+  the keys where M is 0 are dropped. Recorded in ``info["assumes"]``.
 * ``constant``: a constant ``[H, n, n]`` (or ``[1, H, n, n]``, ``[n, n]``) whose values are
   Toeplitz (checked); valid only at that n (``info["length"]``).
 
@@ -34,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from kernelize.graph import attr, const_array, producer, scalar_const
+from kernelize.graph import attr, const_array, producer, rank, scalar_const
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Abs", "Neg", "Cast", "Greater", "Less", "GreaterOrEqual",
                "LessOrEqual", "Equal", "Where", "Min", "Max", "Log", "Floor", "Ceil", "Not", "And", "Or",
@@ -234,6 +240,90 @@ def _alibi(term: ir.Value, build: _Builder):
                  "table_length": int(table.shape[-1]), "sliced": bool(slices)}
 
 
+# -- ALiBi on positions from cumsum(attention_mask) (BLOOM) ------------------------------------
+def _key_positions(value: ir.Value):
+    """value = Cast/Unsqueeze(p) with p = (CumSum(M, last axis) - 1) [* M] of a rank-2 M, and
+    the key axis kept last -> M, else None or a reason."""
+    while (node := producer(value, ("Cast", "Unsqueeze"))) is not None:
+        if node.op_type == "Unsqueeze":
+            axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            r = rank(node.outputs[0])
+            if axes is None or r is None or any(int(a) % r == r - 1 for a in np.ravel(axes)):
+                return "the positions are unsqueezed onto the key axis"
+        value = node.inputs[0]
+    scaled = producer(value, "Mul")
+    mask = None
+    if scaled is not None:
+        for i in (0, 1):
+            if producer(scaled.inputs[i], "Sub") is not None:
+                value, mask = scaled.inputs[i], scaled.inputs[1 - i]
+                break
+        else:
+            return None
+    sub = producer(value, "Sub")
+    cumsum = producer(sub.inputs[0], "CumSum") if sub is not None else None
+    if cumsum is None or scalar_const(sub.inputs[1]) != 1:
+        return None
+    source = cumsum.inputs[0]
+    if rank(source) != 2 or scalar_const(cumsum.inputs[1]) not in (1, -1):
+        return "the positions are a cumulative sum over another axis than the key axis"
+    if attr(cumsum, "exclusive", 0) or attr(cumsum, "reverse", 0):
+        return "the positions are an exclusive or reversed cumulative sum"
+    if mask is not None and mask is not source:
+        return "the cumulative positions are multiplied by another tensor than the one summed"
+    return source
+
+
+def _alibi_cumsum(term: ir.Value, build: _Builder):
+    """BLOOM's ALiBi: ``Unsqueeze(slopes[h] * p[b, j], 2)`` with ``p = (cumsum(M) - 1) * M``.
+
+    Where each row of the 0/1 attention mask M is one contiguous run of ones (left, right or
+    no padding), ``p[b, j] = j - o_b`` on every real key, ``o_b`` the row's number of leading
+    pads, so the term is ``m_h (j - i)`` plus ``m_h (i - o_b)``, a constant per query row that
+    softmax cancels, on every key the mask keeps; a padded key is dropped by the mask (checked
+    in :func:`match_toeplitz`: the mask term must be computed from M). That the mask has no holes
+    is an assumption on the inputs, not provable from the graph (``info["assumes"]``).
+    """
+    value = term
+    unsqueeze = producer(value, "Unsqueeze")
+    if unsqueeze is not None and rank(unsqueeze.inputs[0]) == 3 and rank(term) == 4:
+        axes = const_array(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+        if axes is None or [int(a) % 4 for a in np.ravel(axes)] != [2]:
+            return None
+        value = unsqueeze.inputs[0]  # [B, H, n] -> [B, H, 1, n]
+    r = rank(value)
+    scaled = producer(value, "Mul")
+    if scaled is None or r not in (3, 4) or (r == 4 and value.shape[2] != 1):
+        return None
+    for i in (0, 1):
+        slopes = const_array(scaled.inputs[i])
+        if slopes is not None:
+            positions = scaled.inputs[1 - i]
+            break
+    else:
+        return None
+    head_axis = r - 2 if r == 3 else r - 3
+    if slopes.ndim > r:
+        return None
+    aligned = slopes.reshape((1,) * (r - slopes.ndim) + slopes.shape)
+    if any(size != 1 for axis, size in enumerate(aligned.shape) if axis != head_axis):
+        return "the ALiBi slopes vary along another axis than the heads"
+    if rank(positions) != r or positions.shape[head_axis] != 1:
+        return None
+    mask = _key_positions(positions)
+    if mask is None or isinstance(mask, str):
+        return mask
+    slope_vector = aligned.reshape(-1, 1).astype(np.float32)
+    n_scalar = build.op("Squeeze", [build.op("Shape", [term], {"start": -1}), build.const([0], np.int64)])
+    offsets = build.op("Cast", [build.offsets(n_scalar)], {"to": 1})
+    rel = build.op("Mul", [build.const(slope_vector, np.float32),
+                           build.op("Unsqueeze", [offsets, build.const([0], np.int64)])], name="rel_bias")
+    return rel, {"heads": int(slope_vector.shape[0]), "slopes": [float(x) for x in slope_vector[:, 0]],
+                 "positions": f"cumsum({mask.name}) - 1", "positions_from": mask,
+                 "lengths": "any (ALiBi extrapolates)",
+                 "assumes": f"each row of {mask.name} is one contiguous run of ones (left, right or no padding)"}
+
+
 # -- a constant Toeplitz matrix -------------------------------------------------------------------
 def _constant(term: ir.Value, build: _Builder):
     array = const_array(term)
@@ -287,7 +377,7 @@ def match_toeplitz(bias: ir.Value, model: ir.Model) -> Toeplitz | str:
     build = _Builder(f"{bias.name or 'bias'}_rpe{next(_COUNTER)}")  # unique: layers may share one bias
     found, masks = [], []
     for term in _terms(bias):
-        for source, matcher in (("t5", _t5), ("alibi", _alibi), ("constant", _constant)):
+        for source, matcher in (("t5", _t5), ("alibi", _alibi), ("alibi", _alibi_cumsum), ("constant", _constant)):
             result = matcher(term, build)
             if isinstance(result, str):
                 return result
@@ -313,5 +403,10 @@ def match_toeplitz(bias: ir.Value, model: ir.Model) -> Toeplitz | str:
                                       build.const([-2], np.int64)], name="key_padding")
         elif rows != 1:
             return "the mask varies over query rows and is not causal (not a key-padding mask)"
+    positions_from = info.pop("positions_from", None)
+    if positions_from is not None and not any(
+            positions_from in node.inputs for term in masks for node in _ancestors(term, 4000)):
+        return (f"the ALiBi positions come from cumsum({positions_from.name}), but no mask drops the keys "
+                f"where {positions_from.name} is 0")
     info = {**info, "mask": "none" if mask is None else ("causal + key padding" if causal else "key padding")}
     return Toeplitz(build.nodes, rel, mask, causal, source, info)
