@@ -5,7 +5,7 @@ measure the site error on the held-out half, the operator's speed alone, and the
 end-to-end error with only that rewrite. Then, per site, take the fastest candidate whose
 error still fits what is left of the budget (sites with the best gain per error first),
 verify the combination on the held-out half, and back off (drop the rewrite that costs the
-most error) while the measured error exceeds the budget. Sites where nothing fits stay
+most error, then choose again without it) while the measured error exceeds the budget. Sites where nothing fits stay
 exact. A chosen rewrite carries ``exact_below``: the sequence length below which the exact
 attention runs, from measured timings at several lengths.
 """
@@ -145,17 +145,20 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     backed_off: list[dict] = []
     held_out_error = 0.0
     if select:
-        chosen = {k: dataclasses.replace(c, fitted=dataclasses.replace(c.fitted, attrs=dict(c.fitted.attrs),
-                                                                         info=dict(c.fitted.info)))
-                  for k, c in _choose(sites, all_candidates, budget, forced).items()}
+        chosen = {k: _copy(c) for k, c in _choose(sites, all_candidates, budget, forced).items()}
+        excluded: set[tuple[str, str]] = set()
         while chosen:
             say(f"verifying {len(chosen)} rewrite(s) together on held-out samples")
             held_out_error = end_to_end({k: c.fitted for k, c in chosen.items()}, "held_out")
             if held_out_error <= budget:
                 break
+            # back off: drop the rewrite costing the most error, then choose again without it
             worst = max(chosen.values(), key=lambda c: (c.error or 0.0))
             backed_off.append({"site": worst.site, "method": worst.method, "combined_error": held_out_error})
-            del chosen[worst.site]
+            excluded.add((worst.site, worst.method))
+            remaining = {sid: [c for c in cands if (sid, c.method) not in excluded]
+                         for sid, cands in all_candidates.items()}
+            chosen = {k: _copy(c) for k, c in _choose(sites, remaining, budget, forced).items()}
         for site_id, c in chosen.items():
             s = next(x for x in sites if x.id == site_id)
             if s.kind == "attention" and "exact_below" in c.fitted.attrs:
@@ -187,6 +190,13 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     if not chosen:
         return ir.from_proto(base), section
     return approximate.variant(base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), section
+
+
+def _copy(c: approximate.Candidate) -> approximate.Candidate:
+    """A chosen candidate whose attributes may change (``exact_below``) without touching the
+    cached one."""
+    return dataclasses.replace(c, fitted=dataclasses.replace(c.fitted, attrs=dict(c.fitted.attrs),
+                                                             info=dict(c.fitted.info)))
 
 
 def gain(c: approximate.Candidate) -> float:
