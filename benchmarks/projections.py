@@ -218,6 +218,14 @@ def main(argv=None) -> dict:
         "fits": fits,
         "timings": rows,
         "targets": targets,
+        "notes": {
+            "bytes_bound": "2-term shift-add codes and V=16/K=16 LUT tables (int8, K/V = 1) both take exactly "
+                           "1 byte per weight, 4x less than fp32 before any per-channel scale, bias or "
+                           "prototypes; so these two configurations cannot reach >= 4x (scale/bias and "
+                           "float16 prototypes are the remainder). 1-term shift-add and V=32 LUT do.",
+            "ort_shiftadd": "exact ONNX body: float32 MatMul (a @ 128W/scale, exact row chunks) + one uint8 x int8 "
+                            "MatMulInteger over 7 shift levels: ~8x the dense multiply-accumulates",
+        },
         "load_average_end": os.getloadavg(),
         "wall_s": time.time() - started,
     }

@@ -84,7 +84,9 @@ def test_shift_add_reference_is_the_integer_formula():
 
 
 @pytest.mark.parametrize("backend", ["ort", "tvm"])
-@pytest.mark.parametrize("terms,batch,seq,in_features,out", [(1, 1, 7, 33, 24), (2, 2, 13, 32, 40), (2, 1, 5, 24, 12)])
+@pytest.mark.parametrize("terms,batch,seq,in_features,out", [
+    (1, 1, 7, 33, 24), (2, 2, 13, 32, 40), (2, 1, 5, 24, 12),
+    (2, 1, 3, 300, 24), (1, 1, 3, 523, 16)])  # > one exact float32 chunk (256 / 512 rows), padded
 def test_shift_add_integer_path_bit_exact(backend, terms, batch, seq, in_features, out):
     op = ops.get("ShiftAddLinear")
     rng = rng_for("sa-int", terms, batch, seq, in_features, out)
@@ -107,6 +109,18 @@ def test_shift_add_float_path(backend, terms, with_bias):
     expected = op.reference(*[a for _, a in args], **attrs)
     actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, attrs, WEIGHTS_SA)
     assert_close(actual, expected, what=f"ShiftAddLinear {backend}")
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_shift_add_wide_activations(backend):
+    """act_bits 24: the TVM kernel masks the shift count (no room for its pre-shift) and the
+    ONNX body's exact float32 chunks shrink to one input row."""
+    op = ops.get("ShiftAddLinear")
+    args = shift_add_args(rng_for("sa-wide"), 1, 6, 20, 16, 2, integer=False)
+    attrs = {"terms": 2, "frac_bits": 20, "act_bits": 24}
+    expected = op.reference(*[a for _, a in args], **attrs)
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, attrs, WEIGHTS_SA)
+    assert_close(actual, expected, what=f"ShiftAddLinear act_bits 24 {backend}")
 
 
 def test_shift_add_tvm_with_weights_as_graph_inputs():
@@ -166,6 +180,18 @@ def test_lut_integer_path_bit_exact(backend, batch, seq, c, k, v, out):
 
 
 @pytest.mark.parametrize("backend", ["ort", "tvm"])
+def test_lut_float16_prototypes_bit_exact(backend):
+    """Prototypes stored in float16 (as the calibration stores them): every backend encodes
+    with those values, so the integer path stays bit-exact."""
+    op = ops.get("LUTLinear")
+    args = lut_args(rng_for("lut-half"), 1, 9, 6, 16, 8, 24, integer=True)
+    args[1] = ("prototypes", args[1][1].astype(np.float16))
+    expected = op.reference(*[a for _, a in args])
+    actual = (ort_outputs if backend == "ort" else tvm_outputs)(op, args, {}, WEIGHTS_LUT)
+    assert np.array_equal(actual, expected), f"{backend}: differs in {np.sum(actual != expected)} places"
+
+
+@pytest.mark.parametrize("backend", ["ort", "tvm"])
 def test_lut_float_path(backend):
     op = ops.get("LUTLinear")
     args = lut_args(rng_for("lut-float"), 2, 13, 8, 16, 8, 48, integer=False)
@@ -222,6 +248,8 @@ def test_lut_fit_error_falls_with_prototypes():
         protos, tables, scale, offset = fitted.inputs
         assert fitted.op == "LUTLinear" and protos.shape == (8, k, 8) and tables.shape == (8, k, 32)
         assert tables.dtype == np.int8 and scale.dtype == offset.dtype == np.float32
+        assert protos.dtype == np.float16  # half the prototype bytes
+        assert fitted.info["weight_bytes"] == protos.nbytes + tables.nbytes + scale.nbytes + offset.nbytes
         errors[k] = held_out_error(fitted, x[1500:], weight, bias)
     assert errors[16] < errors[4] < errors[2], errors
     assert errors[16] < 0.3, errors

@@ -12,9 +12,9 @@ activations ``x [tokens, in]``, constant ``W [in, out]``, ``b`` or None) into an
   refit twice.
 * ``projection:lut`` (MADDNESS / LUT-NN): the input is split into subspaces of ``subspace``
   features; ``prototypes`` (K) per subspace by k-means on the calibration activations (seeded,
-  k-means++ start); the tables start as ``prototype . W_c`` and are refit by (ridge) least
-  squares so that the sum of the looked-up rows matches ``x @ W`` on the calibration tokens;
-  then quantized to int8 per output channel (one scale per channel, one offset per subspace
+  k-means++ start; stored in float16, the tables fitted to those rounded values); the tables
+  start as ``prototype . W_c`` and are refit by (ridge) least squares so that the sum of the
+  looked-up rows matches ``x @ W`` on the calibration tokens; then quantized to int8 per output channel (one scale per channel, one offset per subspace
   and channel, summed with the bias into ``offset``), and ``offset`` refit by the mean
   calibration residual.
 
@@ -196,7 +196,7 @@ class LUTMethod(Method):
         n = x.shape[0]
         rng = np.random.default_rng(seed)
         centroids = kmeans(np.ascontiguousarray(x.reshape(n, c, v).transpose(1, 0, 2)), k, iterations, rng)
-        protos = centroids.astype(np.float32)
+        protos = centroids.astype(np.float16)  # stored in half precision; used as these values
         codes = lut_linear.encode(x.astype(np.float32), protos)  # [N, C], as the operator encodes
         start = np.einsum("ckv,cvo->cko", protos.astype(np.float64), weight.reshape(c, v, out))
         target = x @ weight

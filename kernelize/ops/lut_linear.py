@@ -9,6 +9,8 @@ per output channel, so that ``W`` is replaced by a lookup::
     acc[t, j]  = sum_c tables[c, code[t, c], j]                   (gather + int32 accumulate)
     y[t, j]    = acc[t, j] * scale[j] + offset[j]                 (dequantize)
 
+``prototypes`` may be stored in float16 (as the calibration does: half the bytes); every
+backend computes with those values in float32 (the reference in float64).
 ``offset`` holds the bias plus the tables' per-channel offsets (see
 :mod:`kernelize.methods.projection`). The accumulation is exact integer arithmetic in every
 backend; the encoding is float arithmetic, so backends agree except where two prototypes are
@@ -59,6 +61,7 @@ class LUTLinear(Operator):
     def body(self, tape, inputs, attrs):
         x, prototypes, tables, scale, offset = inputs
         i64 = lambda values: const(tape, values, np.int64)  # noqa: E731
+        prototypes = tape.op("Cast", [prototypes], {"to": ir.DataType.FLOAT})  # float16 storage allowed
         proto_shape = tape.op("Shape", [prototypes])  # [C, K, V]
         lead = tape.op("Shape", [x], {"end": -1})
         split = tape.op("Concat", [lead, tape.op("Gather", [proto_shape, i64([0])]), i64([1]),
@@ -89,6 +92,8 @@ class LUTLinear(Operator):
         out = int(tables.ty.shape[2])
         tokens = int(np.prod(shape[:-1]))
         x2 = bb.emit(relax.op.reshape(x, [tokens, c * v]))
+        if prototypes.ty.dtype != "float32":  # float16 storage: computed in float32
+            prototypes = bb.emit(relax.op.astype(prototypes, "float32"))
         protos_t = bb.emit(relax.op.permute_dims(prototypes, [0, 2, 1]))  # [C, V, K]: K contiguous
         norms = bb.emit(relax.op.sum(relax.op.multiply(prototypes, prototypes), axis=[2]))  # [C, K]
         gvar = bb.add_func(_lut_kernel(tokens, c, k, v, out), "lut_linear")
