@@ -9,8 +9,9 @@ The FFT side runs with two feature maps: ``favor`` with M = 16 features and ``el
 64); its cost grows with M (M/2 (d+1) complex FFT columns per head).
 
 Exact attention is skipped (with the reason) where its n x n score tensors would not fit in
-memory; the ONNX Runtime FFT path (its DFT kernel is scalar) is skipped where it would take
-more than ``--ort-limit-s`` per call (estimated from the previous length).
+memory, and any series is cut where one call would take more than ``--limit-s`` (estimated
+from the previous length: n^2 for exact, n log n for the FFT path; ONNX Runtime's DFT kernel
+is scalar, so its FFT path gets there first).
 
 Writes ``benchmarks/results/rpe_attention.json``: machine, load average before and after,
 rows (backend, method, n, median/min ms), speedups at n = 8192 and the fitted exponent of time
@@ -92,8 +93,13 @@ def available_bytes() -> int:
 
 def exact_bytes(n: int, backend: str) -> int:
     """Peak of the n x n float32 tensors exact attention holds at once (scores, probabilities;
-    the gathered Toeplitz bias too)."""
-    return (3 if backend == "tvm" else 3) * HEADS * n * n * 4
+    the gathered Toeplitz bias too). The TVM lowering runs in chunks of heads of about
+    ``EXACT_CHUNK_BYTES`` of scores each."""
+    if backend == "tvm":
+        from kernelize.ops.rpe_attention import EXACT_CHUNK_BYTES
+
+        return 4 * min(HEADS * n * n * 4, max(n * n * 4, EXACT_CHUNK_BYTES))
+    return 3 * HEADS * n * n * 4
 
 
 def timed(call, repeats: int) -> dict:
@@ -121,7 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--backends", default="ort,tvm")
-    parser.add_argument("--ort-limit-s", type=float, default=40.0)
+    parser.add_argument("--limit-s", type=float, default=40.0,
+                        help="skip a length whose call is estimated (from the previous length) to take longer")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the existing JSON for other backends/methods")
@@ -154,12 +161,12 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(row, flush=True)
                     continue
-                if backend == "ort" and key in last_ms:
+                if key in last_ms:
                     prev_n, prev_ms = last_ms[key]
                     scale = (n * n) / (prev_n * prev_n) if method == "exact" else \
                         (n * math.log2(n)) / (prev_n * math.log2(prev_n))
-                    if prev_ms * scale / 1e3 > args.ort_limit_s:
-                        row["skipped"] = f"estimated {prev_ms * scale / 1e3:.0f} s per call > --ort-limit-s"
+                    if prev_ms * scale / 1e3 > args.limit_s:
+                        row["skipped"] = f"estimated {prev_ms * scale / 1e3:.0f} s per call > --limit-s"
                         rows.append(row)
                         print(row, flush=True)
                         continue

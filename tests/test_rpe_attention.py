@@ -196,6 +196,9 @@ TVM_CASES = [
     # FAVOR+ key features span orders of magnitude (one stabilizer per head): in float32 the
     # transforms lost 2e-3 here; the kernel transforms in float64
     dict(batch=1, n=100, head_size=64, feature_map="favor"),
+    # 10 feature pairs: two normalizer blocks (the second part padding); D = 20 is no multiple
+    # of the block width (padded value lanes)
+    dict(batch=2, n=33, head_size=20, feature_map="elu", causal=1, mask=True),
 ]
 
 
