@@ -16,14 +16,11 @@ one inter-op thread); TVM runs its lowering (``kernelize.backends.tvm.build(mode
 static shapes, kernelize's CPU schedule rules, no tuning; ``TVM_NUM_THREADS`` set to
 ``--threads`` before TVM is imported).
 
-TVM schedule caveat: by default this script drops dlight's ``cpu.GEMV`` rule from
-``tvm_schedule.default_rules`` for its builds. With it, the one kernel it takes here (linear
-attention's normalizer ``sum(phi(Q) * sum_j phi(k_j), -1)``, ~S * M multiply-adds, well under
-1% of the row's work) gets a 128-lane vectorized strided gather with a 64-step unroll that
-LLVM needs 3 to 15 minutes to compile (measured at n = 256 and 512 on this loaded machine),
-per linear row and n. Without it that kernel stays unscheduled (a plain loop) and builds in
-under a second; no other row has a GEMV kernel. ``--tvm-project-rules`` builds with the
-rules unchanged. Each TVM row records ``schedules`` (kernel -> rule).
+TVM schedules: the project's CPU rules (``tvm_schedule.default_rules``). The results JSON
+was measured while those rules still held dlight's ``cpu.GEMV``, which this script then
+dropped for its builds (LLVM took 3 to 15 minutes on the GEMV schedule of linear attention's
+normalizer, under 1% of the row's work); the project's rules have since dropped it too, so
+the build measured is the project's. Each TVM row records ``schedules`` (kernel -> rule).
 
 Rows (op):
   exact                    ``Attention``: softmax(Q K^T scale) V (ORT: MatMul/Softmax/MatMul; TVM:
@@ -197,19 +194,6 @@ def make_call(backend: str, model, feeds: dict, threads: int) -> tuple:
     return call, {"build_s": build_s, "tvm_pool_threads": runner.threads, "schedules": schedules}
 
 
-def drop_gemv_rule() -> None:
-    """Build without dlight's cpu.GEMV rule (see the module docstring): wraps
-    ``tvm_schedule.default_rules``, which ``kernelize.backends.tvm.build`` calls."""
-    from kernelize.backends import tvm_schedule
-
-    project_rules = tvm_schedule.default_rules
-
-    def rules_without_gemv(target):
-        return [rule for rule in project_rules(target) if type(rule).__name__ != "GEMV"]
-
-    tvm_schedule.default_rules = rules_without_gemv
-
-
 def stats(times: list[float]) -> dict:
     import numpy as np
 
@@ -326,8 +310,6 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default=",".join(ROWS), help="rows to run (exact always runs)")
     parser.add_argument("--cell-limit-s", type=float, default=60.0,
                         help="skip a row whose cell would take longer (default 60)")
-    parser.add_argument("--tvm-project-rules", action="store_true",
-                        help="keep dlight's cpu.GEMV rule in TVM builds (minutes of LLVM time per linear row)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other backends' rows of an earlier results file (one backend per run)")
     args = parser.parse_args(argv)
@@ -340,9 +322,6 @@ def main(argv=None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM is imported (its pool reads it)
 
     from common import RESULTS, machine, write_json
-
-    if "tvm" in backends and not args.tvm_project_rules:
-        drop_gemv_rule()
 
     started = time.time()
     load_start = list(os.getloadavg())
@@ -362,8 +341,7 @@ def main(argv=None) -> int:
             gc.collect()
     load_end = list(os.getloadavg())
     runs = [{"backends": backends, "sizes": sizes, "threads": args.threads,
-             "tvm_rules": None if "tvm" not in backends else "project rules" if args.tvm_project_rules
-             else "project rules without dlight cpu.GEMV",
+             "tvm_rules": None if "tvm" not in backends else "project rules (tvm_schedule.default_rules)",
              "load_average": {"start": load_start, "end": load_end}, "wall_s": time.time() - started}]
     if args.merge and (RESULTS / "attention_ops.json").exists():
         earlier = json.loads((RESULTS / "attention_ops.json").read_text())
