@@ -251,3 +251,20 @@ def test_rpe_rewrite_through_the_pipeline():
         assert 0 < site["site_error"] < 0.2 and 0 < site["end_to_end_error"] < 0.2
     assert [n.op_type for n in result.model.graph if n.domain == "kernelize"].count("RPEAttention") == 2
     assert 0 < section["held_out_error"] < 0.2
+
+
+def test_lut_with_too_little_calibration_is_refused(bert):
+    tiny = _calib(n=2, seq=8)  # 8 tokens in the fitting half: fewer than LUT's 64
+    with pytest.raises(UsageError, match="LUT needs at least"):
+        kernelize.optimize(bert, calib=tiny, rewrites=["projection=lut"], measure_latency=False)
+
+
+def test_lut_refused_at_one_site_only_leaves_that_site_dense(bert):
+    # 4 x 24 tokens fit the token projections; the pooler sees one row per sample (4 rows)
+    result = kernelize.optimize(bert, calib=_calib(n=8, seq=24), rewrites=["projection=lut"], layers="2-3",
+                                measure_latency=False)
+    section = result.report["approximate"]
+    pooler = section["sites"][-1]
+    assert pooler["chosen"] is None
+    assert "LUT needs at least" in pooler["candidates"][0]["reason"]
+    assert sum(s["chosen"] == "projection:lut" for s in section["sites"]) == len(section["sites"]) - 1

@@ -63,6 +63,7 @@ class Candidate:
     estimated_speedup: float | None = None  # exact cost / approximate cost (multiply-adds)
     measured_speedup: float | None = None  # this operator alone vs the exact one, ONNX Runtime
     fit_s: float = 0.0
+    refused: str | None = None  # the method refused the calibration data (too little of it)
 
     def describe(self) -> dict:
         entry = {"method": self.method}
@@ -376,7 +377,11 @@ def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict |
             continue
         say(f"  {s.id}: fitting {name}")
         start = time.perf_counter()
-        fitted = method.fit(fit_part, **(options or {}).get(name, {}))
+        try:
+            fitted = method.fit(fit_part, **(options or {}).get(name, {}))
+        except UsageError as err:  # too little calibration data for this site
+            candidates.append(Candidate(s.id, name, None, str(err), refused=str(err)))
+            continue
         elapsed = time.perf_counter() - start
         if isinstance(fitted, str):
             candidates.append(Candidate(s.id, name, None, fitted, fit_s=elapsed))

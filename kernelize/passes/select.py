@@ -141,6 +141,11 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             c.error = end_to_end({s.id: c.fitted})
         all_candidates[s.id] = cache[key] = cands
 
+    for name in {n for names in names_by_kind.values() for n in names}:  # too little data everywhere
+        tried = [c for cands in all_candidates.values() for c in cands if c.method == name]
+        if tried and all(c.refused for c in tried):
+            raise UsageError(tried[0].refused)
+
     chosen: dict[str, approximate.Candidate] = {}
     backed_off: list[dict] = []
     held_out_error = 0.0
