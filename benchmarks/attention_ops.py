@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cell-limit-s", type=float, default=60.0,
                         help="skip a row whose cell would take longer (default 60)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other backends' rows of an earlier results file (one backend per run)")
+                        help="keep the rows of an earlier results file that this run does not measure again")
     args = parser.parse_args(argv)
     sizes = sorted(int(x) for x in args.sizes.split(","))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -345,8 +345,10 @@ def main(argv=None) -> int:
              "load_average": {"start": load_start, "end": load_end}, "wall_s": time.time() - started}]
     if args.merge and (RESULTS / "attention_ops.json").exists():
         earlier = json.loads((RESULTS / "attention_ops.json").read_text())
-        rows = [r for r in earlier.get("rows", []) if r["backend"] not in backends] + rows
-        runs = [run for run in earlier.get("runs", []) if not set(run["backends"]) <= set(backends)] + runs
+        fresh = {(r["backend"], r["op"], r["n"]) for r in rows}  # only the cells measured now are replaced
+        rows = [r for r in earlier.get("rows", []) if (r["backend"], r["op"], r["n"]) not in fresh] + rows
+        runs = earlier.get("runs", []) + runs
+    labels = ["exact"] + [label for label in ROWS if label != "exact" and any(r["op"] == label for r in rows)]
     all_backends = list(dict.fromkeys(r["backend"] for r in rows))
     all_sizes = sorted({r["n"] for r in rows})
 
