@@ -227,9 +227,20 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
             drift = tvm_backend.compare_with_onnx(built, canonical)
             report["tvm"]["max_abs_error_vs_ort"] = drift
             worst = max(drift.values(), default=0.0)
-            if not worst <= tolerance:
+            limit = tolerance
+            if approx_section is not None and approx_section.get("chosen"):
+                # Approximate operators that quantize activations turn the backends' float
+                # rounding differences (~1e-6) into whole quantization steps; the build must
+                # still agree with ONNX Runtime better than the approximation agrees with the
+                # original model.
+                limit = max(tolerance, max(end_to_end["outputs"].values(), default=0.0))
+                if worst > tolerance:
+                    report["tvm"]["note"] = (f"differs from ONNX Runtime by {worst:.3g}, more than float rounding "
+                                             f"({tolerance:.3g}) and less than the approximation's own drift "
+                                             f"({limit:.3g}): quantized activations round differently")
+            if not worst <= limit:
                 raise KernelizeError(f"the TVM build differs from ONNX Runtime by {worst:.3g} "
-                                     f"(tolerance {tolerance:.3g}); this is a kernelize bug")
+                                     f"(tolerance {limit:.3g}); this is a kernelize bug")
             timings["verify_tvm_s"] = time.perf_counter() - t
         else:
             report["tvm"]["max_abs_error_vs_ort"] = f"not run: {built.target.name} code cannot run here"
