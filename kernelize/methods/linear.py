@@ -54,10 +54,9 @@ def relative_error(fitted: Fitted, captured: CapturedAttention) -> float:
     return float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-30))
 
 
-class LinearMethod:
-    """Shared fit/cost of the linear attention methods, mixed into each concrete
-    :class:`Method` (a plain base: ``Method`` registers every subclass it sees by name).
-    Subclasses name the feature map and override :meth:`parameters` where it has any."""
+class LinearMethod(Method):
+    """Shared fit/cost of the linear attention methods. Subclasses name themselves (which
+    registers them) and the feature map, and override :meth:`parameters` where it has any."""
 
     kind = "attention"
     feature_map: str = ""
@@ -108,22 +107,22 @@ class LinearMethod:
         return projection + inside + states
 
 
-class LinearElu(LinearMethod, Method):
+class LinearElu(LinearMethod):
     name = "linear:elu"
     feature_map = "elu"
 
 
-class LinearRelu(LinearMethod, Method):
+class LinearRelu(LinearMethod):
     name = "linear:relu"
     feature_map = "relu"
 
 
-class LinearCosformer(LinearMethod, Method):
+class LinearCosformer(LinearMethod):
     name = "linear:cosformer"
     feature_map = "cosformer"
 
 
-class LinearFavor(LinearMethod, Method):
+class LinearFavor(LinearMethod):
     """Performer FAVOR+: ``features`` (default 4 x head size) orthogonal random features per
     head, drawn once with ``seed``."""
 
@@ -137,7 +136,7 @@ class LinearFavor(LinearMethod, Method):
         return feature_maps.favor_weight(head_size, count, heads, seed), None
 
 
-class LinearHedgehog(LinearMethod, Method):
+class LinearHedgehog(LinearMethod):
     """Hedgehog: a trained per-head softmax feature map (``features`` = M, default
     2 x head size, so W starts as the identity)."""
 

@@ -66,8 +66,8 @@ def exact_output(captured: CapturedAttention, rel_bias: np.ndarray, padding: np.
     return (e / e.sum(-1, keepdims=True)) @ v
 
 
-class RPEMethod:
-    """Shared fit/cost, mixed into each concrete :class:`Method` (``feature_map`` names the map)."""
+class RPEMethod(Method):
+    """Shared fit/cost of the RPE methods; subclasses name themselves and ``feature_map``."""
 
     kind = "attention"
     feature_map: str = ""
@@ -131,17 +131,17 @@ class RPEMethod:
         return projection + b * h * columns * per_column + kernel
 
 
-class RPEElu(RPEMethod, Method):
+class RPEElu(RPEMethod):
     name = "rpe:elu"
     feature_map = "elu"
 
 
-class RPERelu(RPEMethod, Method):
+class RPERelu(RPEMethod):
     name = "rpe:relu"
     feature_map = "relu"
 
 
-class RPEFavor(RPEMethod, Method):
+class RPEFavor(RPEMethod):
     """FAVOR+ with ``features`` (default the head size: the FFT cost grows with M) random
     features per head, drawn once with ``seed``."""
 
@@ -154,7 +154,7 @@ class RPEFavor(RPEMethod, Method):
         return feature_maps.favor_weight(head_size, int(features) if features else head_size, heads, seed), None
 
 
-class RPEHedgehog(RPEMethod, Method):
+class RPEHedgehog(RPEMethod):
     """Hedgehog features trained as for ``linear:hedgehog`` (``features`` = M, default 2 x head
     size)."""
 

@@ -15,6 +15,7 @@ the grid (``windows``/``sinks``, ``blocks``/``local_blocks``/``global_blocks``, 
 
 from __future__ import annotations
 
+import abc
 from typing import Callable, ClassVar, Iterable
 
 import numpy as np
@@ -66,27 +67,27 @@ def break_even(cost: Callable[[dict], float], shape: dict) -> int:
     return length
 
 
-class _SparseGrid:
+class _SparseGrid(Method):
     """Grid search over one operator's sparsity attributes, by cost, for attention-mass recall.
 
-    A mixin, not a Method subclass: every Method subclass registers itself on creation. Each
-    concrete method provides ``candidates``, ``allowed`` and ``kernel_cost``."""
+    Each concrete method names itself (which registers it) and provides ``candidates``,
+    ``allowed`` and ``kernel_cost``."""
 
     name: ClassVar[str]
     kind = "attention"
     op: ClassVar[str]
 
+    @abc.abstractmethod
     def candidates(self, seq: int, options: dict) -> Iterable[dict]:
         """The grid: attribute dicts (without scale/causal/exact_below)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def allowed(self, attrs: dict, seq: int) -> np.ndarray | None:
         """[S, S] bool of the keys ``attrs`` keeps (None: not a fixed pattern)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def kernel_cost(self, attrs: dict, shape: dict) -> float:
         """Multiply-adds of the operator's kernel at ``shape``."""
-        raise NotImplementedError
 
     def prepare(self, probs: np.ndarray) -> np.ndarray:
         """Per-sample form of the exact probabilities that :meth:`kept_mass` reads."""
@@ -146,7 +147,7 @@ class _SparseGrid:
         return self.kernel_cost(fitted.attrs, shape)
 
 
-class SlidingWindow(_SparseGrid, Method):
+class SlidingWindow(_SparseGrid):
     """``SlidingWindowAttention``: the smallest window (with 0, 1 or 4 sinks) that keeps the
     target attention mass."""
 
@@ -166,7 +167,7 @@ class SlidingWindow(_SparseGrid, Method):
         return sliding_window_cost(attrs, shape)
 
 
-class BlockSparse(_SparseGrid, Method):
+class BlockSparse(_SparseGrid):
     """``BlockSparseAttention``: the cheapest (block, local_blocks, global_blocks) layout that
     keeps the target attention mass."""
 
@@ -189,7 +190,7 @@ class BlockSparse(_SparseGrid, Method):
         return block_sparse_cost(attrs, shape)
 
 
-class TopK(_SparseGrid, Method):
+class TopK(_SparseGrid):
     """``TopKAttention``: the smallest k whose top-k keys keep the target attention mass."""
 
     name = "sparse:topk"

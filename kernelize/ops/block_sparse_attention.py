@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.ops.attention import emit_sdpa, softmax
-from kernelize.ops.base import Operator, const, emit_length_dispatch
+from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
 
 NEG = -1e30  # additive score of a dropped slot: finite, so no row turns NaN (empty rows are zeroed)
 MASKED_BIAS = -1e4  # a bias value at or below this drops the key
@@ -249,12 +249,6 @@ def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 
 
-def lower_dispatch(query, exact_below: int, exact, approximate):
-    """``base.lower_length_dispatch`` for TVM 0.27, where a Relax expression's shape is read
-    from ``.ty`` (the base helper reads ``struct_info``, which 0.27 no longer has)."""
-    return exact() if _shape(query)[2] < exact_below else approximate()
-
-
 def _check_padding_bias(bias, batch: int, seq: int, op_name: str):
     from kernelize.errors import KernelizeError
 
@@ -463,4 +457,4 @@ class BlockSparseAttention(Operator):
             return bb.emit(relax.op.concat([dense, rest], axis=2))
 
         exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)
+        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)

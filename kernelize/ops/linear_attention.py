@@ -38,7 +38,7 @@ import numpy as np
 
 from kernelize.ops import feature_maps
 from kernelize.ops.attention import emit_sdpa, softmax
-from kernelize.ops.base import Operator, const, emit_length_dispatch
+from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
 
 FEATURE_MAPS = feature_maps.FEATURE_MAPS + ("cosformer",)
 EPSILON = 1e-6  # added to the normalizer: relu / cosformer features can make it zero
@@ -134,12 +134,10 @@ class LinearAttention(Operator):
         query, key, value, bias, weight, feature_bias = inputs
         kind, scale, causal = attrs["feature_map"], float(attrs["scale"]), int(attrs.get("causal", 0))
         _check_map(kind)
-        # Shapes are static here, so the exact_below branch is chosen while lowering (as
-        # base.lower_length_dispatch does; that helper reads ``struct_info``, which TVM 0.27's
-        # Relax expressions no longer have, so the length is read from ``ty`` here).
-        if _dims(query)[-2] < int(attrs.get("exact_below", 0)):
-            return _lower_exact(bb, query, key, value, bias, scale, causal)
-        return _lower_linear(bb, kind, query, key, value, bias, weight, feature_bias, scale, causal)
+        return lower_length_dispatch(
+            query, int(attrs.get("exact_below", 0)),
+            lambda: _lower_exact(bb, query, key, value, bias, scale, causal),
+            lambda: _lower_linear(bb, kind, query, key, value, bias, weight, feature_bias, scale, causal))
 
 
 # -- ONNX helpers -----------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernelize.ops.base import Operator, emit_length_dispatch
+from kernelize.ops.base import Operator, emit_length_dispatch, lower_length_dispatch
 from kernelize.ops.block_sparse_attention import (Band, _i64, band_cost, emit_band_attention, emit_exact,
-                                                  exact_reference, lower_band_attention, lower_dispatch, lower_exact,
+                                                  exact_reference, lower_band_attention, lower_exact,
                                                   masked_attention_reference)
 
 
@@ -116,4 +116,4 @@ class SlidingWindowAttention(Operator):
         approximate = lambda: lower_band_attention(bb, query, key, value, bias, scale, band, rule,  # noqa: E731
                                                    self.name)
         exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)
+        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)

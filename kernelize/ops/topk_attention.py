@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernelize.ops.base import Operator, const, emit_length_dispatch
+from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
 from kernelize.ops.block_sparse_attention import (MASKED_BIAS, NEG, _bias_or_neg, _dim, _i64, _row_has_key,
                                                   _row_has_key_tvm, _scalar, _shape, causal_mask, emit_exact,
-                                                  exact_reference, lower_dispatch, lower_exact)
+                                                  exact_reference, lower_exact,
+                                                  masked_attention_reference)
 
 
 def topk_cost(attrs: dict, shape: dict) -> float:
@@ -53,12 +54,7 @@ class TopKAttention(Operator):
         scores = np.where(keep, scores, -np.inf)
         kth = -np.sort(-scores, axis=-1)[..., min(top_k, scores.shape[-1]) - 1:][..., :1]
         chosen = keep & (scores >= kth)  # ties at the k-th score: measure zero for real data
-        peak = np.max(scores, axis=-1, keepdims=True)
-        peak = np.where(np.isfinite(peak), peak, 0.0)
-        e = np.where(chosen, np.exp(scores - peak), 0.0)
-        total = np.sum(e, axis=-1, keepdims=True)
-        probs = e / np.where(total > 0, total, 1.0)
-        return (probs @ v).astype(np.float32)
+        return masked_attention_reference(query, key, value, bias, scale, chosen)
 
     @staticmethod
     def _settings(attrs):
@@ -144,5 +140,5 @@ class TopKAttention(Operator):
             return out
 
         exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)
+        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)
 

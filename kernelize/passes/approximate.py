@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from kernelize import methods as methods_mod
+import kernelize.methods  # noqa: F401  (importing registers every approximation method)
 from kernelize import ops
 from kernelize.backends import ort as ort_backend
 from kernelize.errors import UsageError
@@ -229,21 +229,14 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
     for s in sites:
         site = s.site
         if s.kind == "attention":
-            if site.extra_nodes:
-                model.graph.insert_before(site.nodes[0], site.extra_nodes)
-                _register_constants(model, site.extra_nodes)
-                site.extra_nodes = []
-            if s.toeplitz is not None and not isinstance(s.toeplitz, str) and s.toeplitz.nodes:
-                model.graph.insert_before(site.nodes[0], s.toeplitz.nodes)
-                _register_constants(model, s.toeplitz.nodes)
-                s.toeplitz.nodes = []
+            _insert_feeding_nodes(model, s)
             names += [v.name for v in site.inputs if v is not None]
             if _has_toeplitz(s):
                 names += [v.name for v in (s.toeplitz.rel_bias, s.toeplitz.mask) if v is not None]
         else:
             names.append(site.inputs[0].name)
     _name_values(model)
-    names = [v for v in dict.fromkeys(names)]
+    names = list(dict.fromkeys(names))
     values = calibrate.run(model, calib, names=names)
     mask = calib.token_mask()
     captured: dict[str, Any] = {}
@@ -286,6 +279,19 @@ def _is_causal(s: ApproxSite) -> bool:
 
 def _has_toeplitz(s: ApproxSite) -> bool:
     return s.toeplitz is not None and not isinstance(s.toeplitz, str)
+
+
+def _insert_feeding_nodes(model: ir.Model, s: ApproxSite) -> None:
+    """Put the new nodes a site's operator reads (a boolean mask's Where, the nodes computing
+    the relative-position vector) into ``model``, once, before the site."""
+    groups = [s.site.extra_nodes] + ([s.toeplitz.nodes] if _has_toeplitz(s) else [])
+    for nodes in groups:
+        if nodes:
+            model.graph.insert_before(s.site.nodes[0], nodes)
+            _register_constants(model, nodes)
+    s.site.extra_nodes = []
+    if _has_toeplitz(s):
+        s.toeplitz.nodes = []
 
 
 def _register_constants(model: ir.Model, nodes: list[ir.Node]) -> None:
@@ -429,15 +435,8 @@ def variant(base: onnx.ModelProto, kinds, layers, toeplitz: bool, choices: dict[
     model = ir.from_proto(base)
     sites, _ = find(model, kinds, layers, toeplitz)
     wanted = [s for s in sites if s.id in choices]
-    for s in wanted:  # the nodes that feed the new operators (mask Where, relative bias)
-        if s.site.extra_nodes:
-            model.graph.insert_before(s.site.nodes[0], s.site.extra_nodes)
-            _register_constants(model, s.site.extra_nodes)
-            s.site.extra_nodes = []
-        if _has_toeplitz(s) and s.toeplitz.nodes:
-            model.graph.insert_before(s.site.nodes[0], s.toeplitz.nodes)
-            _register_constants(model, s.toeplitz.nodes)
-            s.toeplitz.nodes = []
+    for s in wanted:
+        _insert_feeding_nodes(model, s)
     rewrite(model, wanted, choices)
     return model
 
@@ -525,6 +524,3 @@ def _matmul_model(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) ->
     graph.outputs.append(out)
     return ir.Model(graph, ir_version=10)
 
-
-__all__ = ["ApproxSite", "Candidate", "capture", "find", "fit_candidates", "measure_speedup", "methods_for",
-           "parse_layers", "parse_rewrites", "rewrite", "variant", "methods_mod"]
