@@ -186,6 +186,57 @@ def test_long_alibi_is_stable():
         assert_close(actual, expected(args, attrs), what=f"long ALiBi causal={causal}")
 
 
+def increasing_alibi(n: int, slopes) -> np.ndarray:
+    """MPT's and BLOOM's ALiBi as the pattern rebuilds it: c[d] = m d, peaking at d = n - 1, an
+    offset a causal attention never sees."""
+    return (np.asarray(slopes)[:, None] * np.arange(-(n - 1), n)[None, :]).astype(np.float32)
+
+
+@pytest.mark.parametrize("decay", [0, 1])
+def test_long_causal_alibi_peaking_at_a_masked_offset(decay):
+    """c = m d at n = 1536, slope 0.5: subtracting the maximum of all of c would leave
+    exp(-767) on every causal entry (zero in float64: the output was 0); the peak is taken
+    over d <= 0. Checked against the row-by-row formula, and equal to the symmetric form."""
+    n, slopes = 1536, [0.5, 1 / 256]
+    rng = rng_for("increasing", decay)
+    q, k, v = (rng.standard_normal((1, 2, n, HEAD_SIZE)).astype(np.float32) for _ in range(3))
+    args = [("query", q), ("key", k), ("value", v), ("rel_bias", increasing_alibi(n, slopes))]
+    attrs = {"feature_map": "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5, "exact_below": 0, "decay": decay}
+    want = expected(args, attrs)
+    rows = slice(0, n, 97)
+    assert_close(want[:, :, rows], direct(q, k, v, args[3][1], None, 1, "elu")[:, :, rows], what="reference")
+    symmetric = OP.reference(q, k, v, alibi(n, 2, slopes=slopes), **{**attrs, "decay": 0})
+    assert_close(want, symmetric, what="c = m d against c = -m |d| (causal)")
+    assert_close(run_onnx(args, attrs, set()), want, what=f"ONNX body decay={decay}")
+
+
+# -- the decay form (ONNX body, decay = 1) --------------------------------------------------------
+DECAY_CASES = [
+    dict(batch=1, n=1),
+    dict(batch=1, n=7),  # shorter than one chunk
+    dict(batch=2, n=64, mask=True),  # exactly one chunk
+    dict(batch=2, n=150, feature_map="favor"),  # three chunks, the last one padded
+    dict(batch=2, n=130, feature_map="hedgehog", mask=True),
+    dict(batch=3, n=200, feature_map="relu", head_size=7),
+]
+
+
+@pytest.mark.parametrize("kw", DECAY_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_onnx_decay_form_matches_direct_computation(kw):
+    args, attrs, consts = case(**kw, causal=1)
+    attrs["decay"] = 1
+    assert_close(run_onnx(args, attrs, consts), expected(args, attrs), what="ONNX decay form")
+
+
+def test_decay_form_refuses_what_is_not_causal_alibi():
+    args, attrs, _ = case(1, 9, "t5", causal=1)
+    with pytest.raises(ValueError, match="ALiBi"):
+        OP.reference(*[a for _, a in args], **{**attrs, "decay": 1})
+    args, attrs, _ = case(1, 9, causal=0)
+    with pytest.raises(ValueError, match="causal"):
+        OP.reference(*[a for _, a in args], **{**attrs, "decay": 1})
+
+
 # -- TVM (TIR FFT kernel) ------------------------------------------------------------------------
 TVM_CASES = [
     dict(batch=2, n=13, mask=True),
@@ -226,3 +277,8 @@ def test_tvm_long_alibi_is_stable():
     attrs = {"feature_map": "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5, "exact_below": 0}
     model, feeds, _ = build(OP, args, attrs)
     assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs), what="TVM long ALiBi")
+    # MPT's form c = m d (peak at a masked offset), with decay = 1 (TVM evaluates it by FFT)
+    args[3] = ("rel_bias", increasing_alibi(n, [0.5, 1 / 256]))
+    attrs["decay"] = 1
+    model, feeds, _ = build(OP, args, attrs)
+    assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs), what="TVM c = m d")

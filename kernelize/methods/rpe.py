@@ -9,6 +9,9 @@ describes). Feature parameters are those of the linear-attention methods: FAVOR+
 projections, or hedgehog trained on the captured queries and keys (the relative bias is a
 factor exp(c) outside the feature map, so the map is fitted to exp(q.k) as there).
 
+A causal site whose bias the pattern proved linear in the offset (ALiBi) gets ``decay = 1``:
+ONNX Runtime then evaluates it as a chunked decay instead of by FFT (see the operator).
+
 ``info["output_error"]``: relative (Frobenius) error of the fitted operator against exact
 softmax attention with the same bias, on up to 4 captured samples.
 """
@@ -21,7 +24,7 @@ import numpy as np
 
 from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost
 from kernelize.ops import feature_maps
-from kernelize.ops.rpe_attention import MASKED, fft_length, toeplitz
+from kernelize.ops.rpe_attention import DECAY_CHUNK, MASKED, fft_length, toeplitz
 
 ERROR_SAMPLES = 4
 
@@ -66,6 +69,15 @@ def exact_output(captured: CapturedAttention, rel_bias: np.ndarray, padding: np.
     return (e / e.sum(-1, keepdims=True)) @ v
 
 
+def decay_form(captured: CapturedAttention, rel_bias: np.ndarray) -> bool:
+    """Whether the operator may evaluate the bias as a decay (``RPEAttention`` ``decay = 1``):
+    causal, proven linear in the offset by the pattern (ALiBi), and not growing with distance."""
+    if not (captured.causal and captured.rel_linear):
+        return False
+    n = captured.query.shape[-2]
+    return bool(np.all(rel_bias[:, n - 1] >= rel_bias[:, max(n - 2, 0)]))
+
+
 class RPEMethod(Method):
     """Shared fit/cost of the RPE methods; subclasses name themselves and ``feature_map``."""
 
@@ -101,7 +113,8 @@ class RPEMethod(Method):
         weight, fbias = self.parameters(plain, features, int(seed), steps, info)
         head_size = captured.query.shape[-1]
         attrs = {"feature_map": self.feature_map, "causal": int(bool(captured.causal)),
-                 "scale": float(captured.scale), "exact_below": int(exact_below)}
+                 "scale": float(captured.scale), "exact_below": int(exact_below),
+                 "decay": int(decay_form(captured, rel_bias))}
         fitted = Fitted(self.name, "RPEAttention", attrs, [weight, fbias],
                         {"features": feature_maps.feature_count(self.feature_map, head_size, weight), **info})
         sample = slice(0, ERROR_SAMPLES)
@@ -124,6 +137,11 @@ class RPEMethod(Method):
         kind = fitted.attrs["feature_map"]
         m = feature_maps.feature_count(kind, d, weight)
         projection = 2.0 * b * h * s * d * int(np.shape(weight)[-1]) if kind in ("favor", "hedgehog") else 0.0
+        if fitted.attrs.get("decay"):  # chunks of b: inside (M + D + 1) b per position, states, carry
+            b_ = DECAY_CHUNK
+            chunks = math.ceil(s / b_)
+            decay = s * b_ * (m + d + 1) + 2 * s * m * (d + 1) + chunks * chunks * m * (d + 1)
+            return projection + b * h * decay
         n_fft = fft_length(s)
         columns = math.ceil(m / 2) * (d + 1)
         per_column = 2 * (n_fft / 2) * math.log2(n_fft) * 5 + 4 * n_fft + 2 * s

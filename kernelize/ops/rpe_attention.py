@@ -10,7 +10,8 @@ vector ``c`` (``rel_bias[h]``, length ``2n - 1``; the bias of query i and key j 
     out_i = sum_j E[i, j] w_j phi(q_i).phi(k_j) v_j / sum_j E[i, j] w_j phi(q_i).phi(k_j)
     E[i, j] = exp(c[j - i + n - 1] - max(c))      (0 above the diagonal when ``causal``)
 
-``w_j`` comes from the optional key-padding ``bias`` ([batch or 1, 1, 1, n]): 0 where
+(``max(c)`` is taken over the offsets d <= 0 when ``causal``: MPT's and BLOOM's ALiBi vector
+``m d`` peaks at a masked offset.) ``w_j`` comes from the optional key-padding ``bias`` ([batch or 1, 1, 1, n]): 0 where
 ``bias <= -1e4`` (masked), else ``exp(bias_j - max bias)`` (an additive per-key bias is exact
 here, as a factor of the key). Other mask shapes are refused: a full [.., n, n] mask is not
 Toeplitz; the pattern passes the causal part as the ``causal`` attribute.
@@ -44,6 +45,13 @@ on sub-FFTs of 2 ** ``LOCAL_LOG`` points run sub-block by sub-block, in cache). 
 either value columns of one feature pair (contiguous in v, contracted into contiguous
 accumulator lanes) or the normalizer columns of up to ``BLOCK_COLUMNS`` pairs. The exact
 branch in TVM runs in chunks of heads so its n x n intermediates fit in memory.
+``decay = 1`` (set by the RPE methods where the pattern proved the bias is ALiBi and the
+attention causal: ``c[d] = c[0] + m d`` on d <= 0, m >= 0; ``reference`` checks it) makes the
+ONNX body evaluate E[i, j] = exp(-m (i - j)) as a chunked decay recurrence instead
+(:func:`_emit_decay`, O(n) MatMuls): ONNX Runtime's DFT kernel runs at 15-50 ns per point
+whatever the length, so its FFT path is slower than exact attention at every measured length;
+the decay form is the same operator with the same features, computed another way. TVM keeps
+its FFT kernel for every bias (it meets the speed target).
 Self-attention only (as many keys as queries): a Toeplitz bias is square.
 ``exact_below``: below that many query positions the exact softmax attention with the full
 bias (Toeplitz + mask + causal) runs instead.
@@ -64,6 +72,7 @@ TINY = 1e-30  # floor of the normalizer
 BLOCK_COLUMNS = 8  # complex columns per FFT block in the TVM kernel (two AVX2 vectors of float64)
 FFT_DTYPE = "float64"  # of the TVM kernels' transforms (see the module docstring: precision)
 EXACT_CHUNK_BYTES = 1 << 30  # n x n scores per chunk of heads in the exact TVM lowering
+DECAY_CHUNK = 64  # positions per chunk of the decay form (ONNX body, ``decay = 1``)
 LOCAL_LOG = 8  # stages on sub-FFTs of 2 ** LOCAL_LOG points run sub-block by sub-block (in cache)
 
 
@@ -92,6 +101,32 @@ def key_weights(bias: np.ndarray | None, n: int) -> np.ndarray:
     return np.where(masked, 0.0, np.exp(np.minimum(bias - top, 0.0)))
 
 
+def bias_peak(c: np.ndarray, n: int, causal) -> np.ndarray:
+    """max of c over the offsets the attention sees ([H, 1]): only d <= 0 when causal (BLOOM's
+    and MPT's ALiBi vector m d peaks at d = n - 1, a masked offset: subtracting that maximum
+    would underflow every causal entry, exp(-m (n - 1)), at long lengths)."""
+    c = np.asarray(c, np.float64)
+    return np.max(c[:, :n] if causal else c, axis=-1, keepdims=True)
+
+
+def decay_slopes(c: np.ndarray, n: int) -> np.ndarray:
+    """m_h = c[h, n - 1] - c[h, n - 2] (0 when n = 1): the ALiBi slope of a decay-form bias."""
+    c = np.asarray(c, np.float64)
+    return c[:, n - 1] - c[:, max(n - 2, 0)]
+
+
+def check_decay(c: np.ndarray, n: int, causal) -> None:
+    """``decay = 1`` promises a causal bias ``c[d] = c[0] + m d`` on d <= 0 with m >= 0."""
+    if not causal:
+        raise ValueError("RPEAttention decay=1 is for causal attention only")
+    c = np.asarray(c, np.float64)
+    m = decay_slopes(c, n)
+    offsets = np.arange(-(n - 1), 1)
+    expected = c[:, n - 1:n] + m[:, None] * offsets[None, :]
+    if np.any(m < 0) or not np.allclose(c[:, :n], expected, rtol=1e-5, atol=1e-5 * (1 + np.abs(expected).max())):
+        raise ValueError("RPEAttention decay=1 needs c[d] = c[0] + m d (m >= 0) on the offsets d <= 0 (ALiBi)")
+
+
 def _softmax(x):
     m = np.max(x, axis=-1, keepdims=True)
     e = np.exp(x - m)
@@ -101,11 +136,11 @@ def _softmax(x):
 class RPEAttention(Operator):
     name = "RPEAttention"
     inputs = ("query", "key", "value", "rel_bias", "bias?", "feature_weight?", "feature_bias?")
-    attributes = {"feature_map": str, "causal": int, "scale": float, "exact_below": int}
+    attributes = {"feature_map": str, "causal": int, "scale": float, "exact_below": int, "decay": int}
 
     # -- NumPy -------------------------------------------------------------------------
     def reference(self, query, key, value, rel_bias, bias=None, feature_weight=None, feature_bias=None, *,
-                  feature_map, causal=0, scale, exact_below=0):
+                  feature_map, causal=0, scale, exact_below=0, decay=0):
         q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
         n = q.shape[-2]
         if k.shape[-2] != n:
@@ -123,7 +158,9 @@ class RPEAttention(Operator):
         root = math.sqrt(scale)
         phi_q = fm.reference(feature_map, q * root, "query", feature_weight, feature_bias)
         phi_k = fm.reference(feature_map, k * root, "key", feature_weight, feature_bias)
-        kernel = np.exp(toeplitz(c - np.max(c, axis=-1, keepdims=True), n)) * tri
+        if decay:
+            check_decay(c, n, causal)
+        kernel = np.exp(np.where(tri, toeplitz(c - bias_peak(c, n, causal), n), -np.inf))
         weights = (phi_q @ np.swapaxes(phi_k, -1, -2)) * kernel * key_weights(bias, n)
         out = (weights @ v) / np.maximum(np.sum(weights, axis=-1, keepdims=True), TINY)
         return out.astype(np.float32)
@@ -137,8 +174,10 @@ class RPEAttention(Operator):
             return _emit_exact(t, query, key, value, rel_bias, bias, scale, causal)
 
         def approximate(t):
-            return _emit_fft(t, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale,
-                             causal)
+            features = _emit_features(t, query, key, value, bias, weight, fbias, attrs["feature_map"], scale)
+            if int(attrs.get("decay", 0)):
+                return _emit_decay(t, *features, rel_bias, causal)
+            return _emit_fft(t, *features, rel_bias, causal)
 
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
 
@@ -193,7 +232,8 @@ def _emit_kernel_spectrum(tape, rel_bias, n, causal):
 
     g[s] = e[n - 1 - s] for 0 <= s < n, g[N + s] = e[n - 1 - s] for -n < s < 0 (0 when causal),
     with e = exp(c - max c): reversed e is r[k] = e[2n - 2 - k], so g = r[n - 1:] | 0 | r[:n - 1]."""
-    top = tape.op("ReduceMax", [rel_bias, _i64(tape, [-1])], {"keepdims": 1})
+    seen = tape.op("Slice", [rel_bias, _i64(tape, [0]), n, _i64(tape, [1])]) if causal else rel_bias
+    top = tape.op("ReduceMax", [seen, _i64(tape, [-1])], {"keepdims": 1})  # see bias_peak
     e = tape.op("Exp", [tape.op("Sub", [rel_bias, top])])
     reversed_e = tape.op("Slice", [e, _i64(tape, [-1]), _i64(tape, [-(2 ** 62)]), _i64(tape, [-1]), _i64(tape, [-1])])
     n_minus_1 = tape.op("Sub", [n, _i64(tape, [1])])
@@ -221,7 +261,9 @@ def _emit_kernel_spectrum(tape, rel_bias, n, causal):
     return spectrum, length
 
 
-def _emit_fft(tape, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+def _emit_features(tape, query, key, value, bias, weight, fbias, kind, scale):
+    """(phi(q), phi(k) w, [v | 1], n): the query and key features, the keys weighted by the
+    key-padding mask, the value with a ones column for the normalizer, and n ([1] int64)."""
     root = const(tape, math.sqrt(scale))
     phi_q = fm.emit_onnx(tape, kind, tape.op("Mul", [query, root]), "query", weight, fbias)
     phi_k = fm.emit_onnx(tape, kind, tape.op("Mul", [key, root]), "key", weight, fbias)
@@ -234,6 +276,21 @@ def _emit_fft(tape, query, key, value, rel_bias, bias, weight, fbias, kind, scal
         w = tape.op("Exp", [tape.op("Min", [tape.op("Sub", [bias, top]), const(tape, 0.0)])])
         w = tape.op("Where", [masked, const(tape, 0.0), w])
         phi_k = tape.op("Mul", [phi_k, tape.op("Transpose", [w], {"perm": [0, 1, 3, 2]})])
+    ones_shape = tape.op("Concat", [tape.op("Shape", [value], {"start": 0, "end": 3}), _i64(tape, [1])],
+                         {"axis": 0})
+    ones = tape.op("ConstantOfShape", [ones_shape], {"value": ir.tensor(np.ones(1, np.float32))})
+    value_1 = tape.op("Concat", [value, ones], {"axis": -1})  # [B, H, n, E = D + 1]
+    return phi_q, phi_k, value_1, n
+
+
+def _emit_ratio(tape, acc):
+    """numerator / max(normalizer, TINY) of the accumulator [.., E] (normalizer last)."""
+    numerator = tape.op("Slice", [acc, _i64(tape, [0]), _i64(tape, [-1]), _i64(tape, [-1])])
+    denominator = tape.op("Slice", [acc, _i64(tape, [-1]), _i64(tape, [2 ** 62]), _i64(tape, [-1])])
+    return tape.op("Div", [numerator, tape.op("Max", [denominator, const(tape, TINY)])])
+
+
+def _emit_fft(tape, phi_q, phi_k, value_1, n, rel_bias, causal):
     # an even feature count: features m and m + M/2 share one complex column
     features = tape.op("Shape", [phi_q], {"start": -1})
     odd = tape.op("Mod", [features, _i64(tape, [2])])
@@ -241,10 +298,6 @@ def _emit_fft(tape, query, key, value, rel_bias, bias, weight, fbias, kind, scal
     phi_q = tape.op("Pad", [phi_q, pads])
     phi_k = tape.op("Pad", [phi_k, pads])
     pairs = tape.op("Div", [tape.op("Add", [features, odd]), _i64(tape, [2])])
-    ones_shape = tape.op("Concat", [tape.op("Shape", [value], {"start": 0, "end": 3}), _i64(tape, [1])],
-                         {"axis": 0})
-    ones = tape.op("ConstantOfShape", [ones_shape], {"value": ir.tensor(np.ones(1, np.float32))})
-    value_1 = tape.op("Concat", [value, ones], {"axis": -1})  # [B, H, n, E = D + 1]
     spectrum, length = _emit_kernel_spectrum(tape, rel_bias, n, causal)
     spectrum = tape.op("Unsqueeze", [spectrum, _i64(tape, [0, 2])])  # [1, H, 1, N, 2]
     g_re = tape.op("Gather", [spectrum, const(tape, 0, np.int64)], {"axis": -1})
@@ -287,9 +340,77 @@ def _emit_fft(tape, query, key, value, rel_bias, bias, weight, fbias, kind, scal
             out.name = f"rpe_loop_{i}_{j}"
     loop_body = ir.Graph([iteration, cond_in, acc_in], [cond_out, acc_out], nodes=sub.nodes, name="rpe_pairs")
     acc = tape.op("Loop", [tape.op("Squeeze", [pairs, _i64(tape, [0])]), None, acc0], {"body": loop_body})
-    numerator = tape.op("Slice", [acc, _i64(tape, [0]), _i64(tape, [-1]), _i64(tape, [-1])])
-    denominator = tape.op("Slice", [acc, _i64(tape, [-1]), _i64(tape, [2 ** 62]), _i64(tape, [-1])])
-    return tape.op("Div", [numerator, tape.op("Max", [denominator, const(tape, TINY)])])
+    return _emit_ratio(tape, acc)
+
+
+def _emit_decay(tape, phi_q, phi_k, value_1, n, rel_bias, causal):
+    """The decay form (``decay = 1``, causal, c[d] = c[0] + m d on d <= 0): E[i, j] =
+    exp(-m (i - j)) for j <= i, evaluated in chunks of ``DECAY_CHUNK`` positions.
+
+    Inside a chunk: (phi(q) phi(k)^T o D) [v | 1] with D[i', j'] = exp(-m (i' - j')), j' <= i'.
+    Across chunks (query chunk a, key chunk a' < a): i - j = i' + (b - j') + b (a - a' - 1), so
+    the chunk a' contributes P[a'] = (phi(k) o u)^T [v | 1] with u[j'] = exp(-m (b - j')), the
+    states S = L P with L[a, a'] = exp(-m b (a - a' - 1)) (a' < a; an [A, A] matrix per head,
+    A = ceil(n / b)), and the query reads (phi(q) o r) S[a] with r[i'] = exp(-m i'). Every
+    factor is <= 1 (the diagonal's is 1), so nothing overflows; far chunks underflow to 0."""
+    if not causal:
+        raise ValueError("RPEAttention decay=1 is for causal attention only")
+    b = DECAY_CHUNK
+    index = tape.op("Squeeze", [n, _i64(tape, [0])])
+    last = tape.op("Sub", [index, const(tape, 1, np.int64)])
+    before = tape.op("Max", [tape.op("Sub", [index, const(tape, 2, np.int64)]), const(tape, 0, np.int64)])
+    slope = tape.op("Sub", [tape.op("Gather", [rel_bias, last], {"axis": 1}),
+                            tape.op("Gather", [rel_bias, before], {"axis": 1})])  # [H]
+    slope = tape.op("Unsqueeze", [slope, _i64(tape, [1])])  # [H, 1]
+    positions = tape.op("Cast", [tape.op("Range", [const(tape, 0, np.int64), const(tape, b, np.int64),
+                                                   const(tape, 1, np.int64)])], {"to": 1})  # [b]
+    distance = tape.op("Sub", [tape.op("Unsqueeze", [positions, _i64(tape, [1])]),
+                               tape.op("Unsqueeze", [positions, _i64(tape, [0])])])  # [b, b]: i' - j'
+
+    def decay(x):  # exp(-m x) for x >= 0, [H, ...]
+        m = tape.op("Reshape", [slope, tape.op("Concat", [_i64(tape, [-1]), tape.op(
+            "ConstantOfShape", [tape.op("Shape", [tape.op("Shape", [x])])], {"value": ir.tensor(np.ones(1, np.int64))})],
+            {"axis": 0})])
+        return tape.op("Exp", [tape.op("Neg", [tape.op("Mul", [m, x])])])
+
+    inside = tape.op("Where", [tape.op("GreaterOrEqual", [distance, const(tape, 0.0)]),
+                               decay(tape.op("Relu", [distance])), const(tape, 0.0)])  # [H, b, b]
+    query_decay = tape.op("Unsqueeze", [decay(positions), _i64(tape, [-1])])  # [H, b, 1]: r
+    key_decay = tape.op("Unsqueeze", [decay(tape.op("Sub", [const(tape, float(b)), positions])), _i64(tape, [-1])])
+
+    chunks = tape.op("Div", [tape.op("Add", [n, _i64(tape, [b - 1])]), _i64(tape, [b])])  # [1]: A
+    pad = tape.op("Sub", [tape.op("Mul", [chunks, _i64(tape, [b])]), n])
+    pads = tape.op("Concat", [_i64(tape, [0] * 6), pad, _i64(tape, [0])], {"axis": 0})
+
+    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
+        shape = tape.op("Concat", [_i64(tape, [0, 0, -1, b]), tape.op("Shape", [x], {"start": -1})], {"axis": 0})
+        return tape.op("Reshape", [tape.op("Pad", [x, pads]), shape])
+
+    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    swap_last = [0, 1, 2, 4, 3]
+    scores = tape.op("Mul", [tape.op("MatMul", [q, tape.op("Transpose", [k], {"perm": swap_last})]),
+                             tape.op("Unsqueeze", [inside, _i64(tape, [0, 2])])])  # [B, H, A, b, b]
+    acc = tape.op("MatMul", [scores, v])  # [B, H, A, b, E]
+    states = tape.op("MatMul", [tape.op("Transpose", [tape.op("Mul", [k, tape.op("Unsqueeze", [
+        key_decay, _i64(tape, [0, 2])])])], {"perm": swap_last}), v])  # [B, H, A, M, E]: P
+    flat = _i64(tape, [0, 0, 0, -1])
+    chunk_index = tape.op("Cast", [tape.op("Range", [const(tape, 0, np.int64), tape.op("Squeeze", [
+        chunks, _i64(tape, [0])]), const(tape, 1, np.int64)])], {"to": 1})  # [A]
+    gap = tape.op("Sub", [tape.op("Sub", [tape.op("Unsqueeze", [chunk_index, _i64(tape, [1])]),
+                                          tape.op("Unsqueeze", [chunk_index, _i64(tape, [0])])]),
+                          const(tape, 1.0)])  # [A, A]: a - a' - 1
+    across = tape.op("Where", [tape.op("GreaterOrEqual", [gap, const(tape, 0.0)]),
+                               decay(tape.op("Mul", [tape.op("Relu", [gap]), const(tape, float(b))])),
+                               const(tape, 0.0)])  # [H, A, A]: L
+    carried = tape.op("MatMul", [tape.op("Unsqueeze", [across, _i64(tape, [0])]),
+                                 tape.op("Reshape", [states, flat])])  # [B, H, A, M E]: S
+    carried = tape.op("Reshape", [carried, tape.op("Shape", [states])])
+    read = tape.op("Mul", [q, tape.op("Unsqueeze", [query_decay, _i64(tape, [0, 2])])])
+    acc = tape.op("Add", [acc, tape.op("MatMul", [read, carried])])  # [B, H, A, b, E]
+    acc = tape.op("Reshape", [acc, tape.op("Concat", [_i64(tape, [0, 0, -1]), tape.op("Shape", [acc], {"start": -1})],
+                                           {"axis": 0})])
+    acc = tape.op("Slice", [acc, _i64(tape, [0]), n, _i64(tape, [2])])  # [B, H, n, E]
+    return _emit_ratio(tape, acc)
 
 
 # -- TVM helpers ---------------------------------------------------------------------------
@@ -422,7 +543,7 @@ def _spectrum_kernel(heads: int, n: int, length: int, causal: bool):
             top = T.alloc_buffer((heads,), "float32")
             for h in T.parallel(heads):
                 top[h] = c[h, 0]
-                for t in range(1, width):
+                for t in range(1, n if causal else width):  # see bias_peak
                     top[h] = T.max(top[h], c[h, t])
                 for t in range(length):
                     out[1, h, t] = T.Cast(dtype, 0)
