@@ -252,6 +252,8 @@ def main(argv=None) -> int:
             if method == "exact":
                 continue
             series = [r for r in rows if r["backend"] == backend and r["method"] == method and r.get("median_ms")]
+            if not series:
+                continue
             entry = {"exponent_vs_n_log_n": fitted_exponent(series)}
             if "exact" in times and method in times:
                 entry["speedup_at_8192"] = times["exact"]["median_ms"] / times[method]["median_ms"]
