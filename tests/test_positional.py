@@ -125,8 +125,9 @@ def feeds_of(batch: int, seq: int, left: bool = False) -> dict:
     return {k: v.numpy() for k, v in text_inputs(batch, seq, left=left).items()}
 
 
-def rewrite(model: ir.Model, feature_map: str, exact_below: int) -> list[Toeplitz]:
-    """Every attention core -> RPEAttention (raises if one is not Toeplitz)."""
+def rewrite(model: ir.Model, feature_map: str, exact_below: int, decay: bool = False) -> list[Toeplitz]:
+    """Every attention core -> RPEAttention (raises if one is not Toeplitz); ``decay``: causal
+    ALiBi sites get ``decay = 1`` as the RPE methods give them."""
     found = []
     for index, site in enumerate(attention_cores(model)[0]):
         site.index = index
@@ -136,7 +137,8 @@ def rewrite(model: ir.Model, feature_map: str, exact_below: int) -> list[Toeplit
         site.op = "RPEAttention"
         site.inputs = [q, k, v, toeplitz.rel_bias, toeplitz.mask]
         site.attrs = {"feature_map": feature_map, "causal": int(toeplitz.causal), "scale": site.attrs["scale"],
-                      "exact_below": exact_below}
+                      "exact_below": exact_below,
+                      "decay": int(decay and toeplitz.causal and toeplitz.source == "alibi")}
         site.extra_nodes = site.extra_nodes + toeplitz.nodes
         apply_site(model, site)
         found.append(toeplitz)
@@ -216,6 +218,22 @@ def test_rpe_rewrite_end_to_end(exported, feature_map):
             assert error <= 1e-4, f"{name}: exact rewrite changed the output by {error}"
         else:
             assert math.isfinite(error)
+
+
+@pytest.mark.parametrize("exported", ["mpt", "bloom"], indirect=True)
+def test_alibi_decay_form_equals_the_fft_end_to_end(exported):
+    """Causal ALiBi with ``decay = 1`` (ONNX Runtime's chunked decay) computes the same
+    operator as the FFT path: the two rewritten models agree end to end."""
+    _, _, model, _, _ = exported
+    by_fft, by_decay = (ir.from_proto(ir.to_proto(model)) for _ in range(2))
+    rewrite(by_fft, "elu", 0)
+    rewrite(by_decay, "elu", 0, decay=True)
+    assert all(n.attributes["decay"].as_int() == 1 for n in by_decay.graph if n.op_type == "RPEAttention")
+    for batch, n in ((2, 16), (3, 70)):
+        feeds = feeds_of(batch, n)
+        name = by_fft.graph.outputs[0].name
+        fft, decay = outputs(by_fft, feeds, [name])[name], outputs(by_decay, feeds, [name])[name]
+        assert np.max(np.abs(decay - fft)) <= 1e-5 * max(1.0, float(np.max(np.abs(fft))))
 
 
 @pytest.mark.parametrize("exported", ["bloom"], indirect=True)
