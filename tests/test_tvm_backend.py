@@ -272,12 +272,15 @@ def test_export_and_load_roundtrip(tmp_path):
         tvm_backend.load(tmp_path / "missing.so")
 
 
-def test_matmul_rule_covers_odd_shapes():
-    """Tiles that do not divide the shape (seq 13, width 20) stay correct."""
+@pytest.mark.parametrize("seq, width", [(13, 20), (16, 32)])
+def test_matmul_rule_covers_odd_shapes(seq, width):
+    """Tiles that do not divide the shape stay correct: seq 13, width 20 (partial row and
+    column tiles); seq 16, width 32 (rows padded to the row tile, columns exact)."""
     op = ops.get("FeedForward")
-    rng = rng_for("odd-widths")
-    args = [("input", normal(rng, 1, 13, 20)), ("w1", normal(rng, 20, 36, scale=0.2)), ("b1", normal(rng, 36)),
-            ("w2", normal(rng, 36, 20, scale=0.2)), ("b2", normal(rng, 20))]
+    rng = rng_for("odd-widths", seq, width)
+    args = [("input", normal(rng, 1, seq, width)), ("w1", normal(rng, width, 36 if width == 20 else 64, scale=0.2)),
+            ("b1", normal(rng, 36 if width == 20 else 64)),
+            ("w2", normal(rng, 36 if width == 20 else 64, width, scale=0.2)), ("b2", normal(rng, width))]
     built = check_lowering(op, args, {"activation": "relu"}, consts={"w1", "b1", "w2", "b2"})
     assert list(built.schedules.values()).count("MatmulCPU") == 2, built.schedules
 
