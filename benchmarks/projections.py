@@ -6,7 +6,8 @@ activations (captured with the model on calibration text from ``kernelize.models
 its error measured on held-out text, and one-node models (dense ``MatMul + Add`` and each
 rewrite) are timed at tokens 1, 128 and 512 on ONNX Runtime and on TVM (CPU), one thread
 each, the inputs being held-out activations. Rounds interleave the models so that load from
-elsewhere hits all alike; each time is the best round's median.
+elsewhere hits all alike; each time is the best round's median. ``two_term_codes`` compares
+the fit error of the old 8-bit and the current 7-bit two-term shift-add codes on the same data.
 
     .venv/bin/python benchmarks/projections.py [--layer 2] [--quick]
 
@@ -96,6 +97,51 @@ def one_node(op_name: str | None, weights: list, attrs: dict, tokens: int, in_fe
     out.name, out.type = "Y", ir.TensorType(ir.DataType.FLOAT)
     graph.outputs.append(out)
     return model
+
+
+def code_comparison(data: dict, sites: list[str]) -> dict:
+    """{site: {code/start: held-out relative error}}: the old 8-bit two-term code (two free
+    nibbles, 105 values) against the 7-bit one the operator now uses (114 values), rounding
+    ``W / scale`` to the nearest value, then refitting scale and offset per channel by least
+    squares on the calibration outputs (float activations, so only the code differs)."""
+    from kernelize.methods import projection
+
+    pairs = np.array([[a, b] for a in range(8) for b in range(8)])
+    signs = np.array([[s, t] for s in (1, -1) for t in (1, -1)])
+    old_values = np.unique((signs[:, None, :] * 2.0 ** -pairs[None]).sum(-1))
+    codes = {"old_8bit": old_values, "new_7bit": projection.representable(2)[0]}
+
+    def nearest(w, values):
+        right = np.clip(np.searchsorted(values, w), 1, len(values) - 1)
+        left = right - 1
+        return np.where(np.abs(w - values[left]) <= np.abs(values[right] - w), values[left], values[right])
+
+    result = {}
+    for site in sites:
+        weight = data[site]["weight"].astype(np.float64)
+        calibration, held = data[site]["calibration"].astype(np.float64), data[site]["held_out"].astype(np.float64)
+        target, exact = calibration @ weight, held @ weight
+        peak = np.max(np.abs(weight), axis=0)
+        row = {}
+        for name, values in codes.items():
+            for start in ("max", "searched"):
+                if start == "max":
+                    scale = peak.copy()
+                else:
+                    errors = [np.sum((nearest(weight / (peak * f), values) * peak * f - weight) ** 2, axis=0)
+                              for f in projection.SCALE_STEPS]
+                    scale = peak * projection.SCALE_STEPS[np.argmin(errors, axis=0)]
+                for _ in range(2):
+                    q = nearest(weight / scale, values)
+                    z = calibration @ q
+                    zc = z - z.mean(0)
+                    scale = np.sum(zc * (target - target.mean(0)), 0) / np.sum(zc * zc, 0)
+                offset = target.mean(0) - scale * z.mean(0)
+                approx = held @ q * scale + offset
+                row[f"{name}/{start}_scale"] = float(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+        result[site] = row
+        print(f"codes {site}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+    return result
 
 
 def timer(run, budget_s: float = 0.15):
@@ -218,11 +264,17 @@ def main(argv=None) -> dict:
         "fits": fits,
         "timings": rows,
         "targets": targets,
+        "two_term_codes": code_comparison(data, sites),
         "notes": {
-            "bytes_bound": "2-term shift-add codes and V=16/K=16 LUT tables (int8, K/V = 1) both take exactly "
-                           "1 byte per weight, 4x less than fp32 before any per-channel scale, bias or "
-                           "prototypes; so these two configurations cannot reach >= 4x (scale/bias and "
-                           "float16 prototypes are the remainder). 1-term shift-add and V=32 LUT do.",
+            "bytes_bound": "2-term shift-add codes take 7 bits per weight (term 1 a nibble, term 2 three bits "
+                           "relative to it: opposite sign, shift 1..4 more), 4.57x less than fp32 before the "
+                           "per-channel scale and bias; the old 2-term code took a byte (4x, 3.93x with them). "
+                           "V=16/K=16 LUT tables (int8, K/V = 1) take 1 byte per weight, so that configuration "
+                           "cannot reach >= 4x (scale/offset and float16 prototypes are the remainder).",
+            "two_term_codes": "held-out relative error of rounding each weight to the nearest value of a code "
+                              "(then the per-channel least-squares refit), float activations, same data: the old "
+                              "8-bit code (any two signed powers of two 2^-0..2^-7) against the 7-bit one, each "
+                              "with the starting scale max|W_c| and with the searched starting scale the fit uses",
             "ort_shiftadd": "exact ONNX body: float32 MatMul (a @ 128W/scale, exact row chunks) + one uint8 x int8 "
                             "MatMulInteger over 7 shift levels: ~8x the dense multiply-accumulates",
         },

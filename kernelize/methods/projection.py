@@ -4,12 +4,16 @@ Both methods turn one projection site ``y = x @ W + b`` (``CapturedProjection``:
 activations ``x [tokens, in]``, constant ``W [in, out]``, ``b`` or None) into an operator call:
 
 * ``projection:shiftadd`` (DeepShift / ShiftAddViT): every weight becomes ``scale_c`` times 1
-  or 2 (``terms``) signed powers of two ``2^-s``, ``s = 0..7``, the nearest such value to
-  ``W / scale``. The activations' fixed-point format (``frac_bits``) is the finest at which
-  the largest calibration activation fits ``act_bits``. Then ``scale`` and ``bias`` are refit
-  per channel by least squares on the calibration outputs through the exact integer path,
-  which also absorbs the mean error of the kernels' floor shifts; codes, scale and bias are
-  refit twice.
+  or 2 (``terms``) signed powers of two, the nearest value the operator's code can hold to
+  ``W / scale`` (one term: ``+-2^-s``, ``s = 0..7``; two terms, 7 bits:
+  ``+-2^-s1 (1 +- 2^-d)``, ``s1 = 0..7``, ``d = 1..4``; see ``kernelize.ops.shift_add_linear``).
+  The starting ``scale`` per channel is the one of ``max|W_c| * {1/2 .. 1}`` (17 steps) whose
+  rounded weights are nearest ``W_c`` (the grid of representable values is uneven, so the
+  largest weight need not sit on 1). The activations' fixed-point format (``frac_bits``) is
+  the finest at which the largest calibration activation fits ``act_bits``. Then ``scale``
+  and ``bias`` are refit per channel by least squares on the calibration outputs through the
+  exact integer path, which also absorbs the mean error of the kernels' floor shifts; codes,
+  scale and bias are refit twice. An all-zero weight column gets scale 0.
 * ``projection:lut`` (MADDNESS / LUT-NN): the input is split into subspaces of ``subspace``
   features; ``prototypes`` (K) per subspace by k-means on the calibration activations (seeded,
   k-means++ start; stored in float16, the tables fitted to those rounded values); the tables
@@ -51,30 +55,52 @@ def _dense_bytes(captured: CapturedProjection) -> int:
 
 
 # -- shift-add ------------------------------------------------------------------------------
-def _representable(terms: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted values, nibbles [n, terms]) of every ``sum_t sign_t 2^-s_t`` (one per value)."""
-    nibbles = np.arange(16)
-    value_of = np.where(nibbles & 8, -1.0, 1.0) * 2.0 ** -(nibbles & 7)
+SCALE_STEPS = np.linspace(0.5, 1.0, 17)  # starting scales tried, as fractions of max|W_c|
+
+
+def representable(terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted values, signs [n, terms], shifts [n, terms]) of every value the operator's code
+    for ``terms`` holds (one code per value)."""
+    sign = np.array([1, -1])
     if terms == 1:
-        combos = nibbles[:, None]
-    else:
-        combos = np.stack(np.meshgrid(nibbles, nibbles, indexing="ij"), -1).reshape(-1, 2)
-    values = value_of[combos].sum(axis=1)
-    values, first = np.unique(values, return_index=True)
-    return values, combos[first]
+        signs = np.repeat(sign, 8)[:, None]
+        shifts = np.tile(np.arange(8), 2)[:, None]
+    else:  # term 1: sign, s1 = 0..7; term 2: same or opposite sign, s2 = s1 + 1..4
+        s1, d, first, relative = (a.reshape(-1) for a in np.meshgrid(
+            np.arange(shift_add_linear.MAX_SHIFT + 1), np.arange(1, shift_add_linear.MAX_DELTA + 1),
+            sign, sign, indexing="ij"))
+        signs, shifts = np.stack([first, first * relative], 1), np.stack([s1, s1 + d], 1)
+    values = np.sum(signs * 2.0 ** -shifts, axis=1)
+    values, pick = np.unique(values, return_index=True)
+    return values, signs[pick], shifts[pick]
+
+
+def _nearest_index(normalized: np.ndarray, values: np.ndarray) -> np.ndarray:
+    right = np.clip(np.searchsorted(values, normalized), 1, len(values) - 1)
+    left = right - 1
+    return np.where(np.abs(normalized - values[left]) <= np.abs(values[right] - normalized), left, right)
 
 
 def _nearest_codes(normalized: np.ndarray, terms: int) -> np.ndarray:
-    """Nibbles ``[in, terms, out]`` of the representable value nearest each entry."""
-    values, combos = _representable(terms)
-    right = np.clip(np.searchsorted(values, normalized), 1, len(values) - 1)
-    left = right - 1
-    pick = np.where(np.abs(normalized - values[left]) <= np.abs(values[right] - normalized), left, right)
-    return np.moveaxis(combos[pick], -1, 1)  # [in, out, terms] -> [in, terms, out]
+    """uint8 codes of the representable value nearest each entry of ``normalized [in, out]``."""
+    values, signs, shifts = representable(terms)
+    pick = _nearest_index(normalized, values)  # [in, out]
+    return shift_add_linear.pack_codes(np.moveaxis(signs[pick], -1, 1), np.moveaxis(shifts[pick], -1, 1))
 
 
-def _pack(nibbles: np.ndarray) -> np.ndarray:
-    return shift_add_linear.pack_codes(np.where(nibbles & 8, -1, 1), nibbles & 7)
+def _start_scale(weight: np.ndarray, terms: int) -> np.ndarray:
+    """Per channel, the scale among ``SCALE_STEPS * max|W_c|`` with the least squared
+    rounding error of the weights (1 for an all-zero column)."""
+    values, _, _ = representable(terms)
+    peak = np.max(np.abs(weight), axis=0)
+    peak[peak == 0] = 1.0
+    best_error, best = np.full(weight.shape[1], np.inf), peak.copy()
+    for step in SCALE_STEPS:
+        scale = peak * step
+        error = np.sum((values[_nearest_index(weight / scale, values)] * scale - weight) ** 2, axis=0)
+        better = error < best_error
+        best_error[better], best[better] = error[better], scale[better]
+    return best
 
 
 class ShiftAddMethod(Method):
@@ -95,13 +121,14 @@ class ShiftAddMethod(Method):
         frac_bits = int(np.clip(np.floor(np.log2((2.0 ** (act_bits - 1) - 1) / peak)), -16, 30))
         target = x.astype(np.float64) @ weight
         xq = shift_add_linear.quantize_activations(x, frac_bits, act_bits)
-        scale = np.max(np.abs(weight), axis=0)
-        scale[scale == 0] = 1.0
+        scale = _start_scale(weight, terms)
         bias = np.zeros(out)
         for _ in range(2):
-            codes = _pack(_nearest_codes(weight / scale, terms))
+            codes = _nearest_codes(weight / scale, terms)
             z = shift_add_linear.accumulate(xq, codes, terms) * 2.0**-frac_bits  # [N, out]
             scale, bias = _least_squares_affine(z, target, scale)
+        zero = ~np.any(weight, axis=0)  # (two terms cannot hold 0: switch such channels off)
+        scale, bias = np.where(zero, 0.0, scale), np.where(zero, 0.0, bias)
         if captured.bias is not None:
             bias = bias + captured.bias
         scale, bias = scale.astype(np.float32), bias.astype(np.float32)
