@@ -210,7 +210,7 @@ def test_long_causal_alibi_peaking_at_a_masked_offset(decay):
     assert_close(run_onnx(args, attrs, set()), want, what=f"ONNX body decay={decay}")
 
 
-# -- the decay form (ONNX body, decay = 1) --------------------------------------------------------
+# -- the decay form (decay = 1) --------------------------------------------------------
 DECAY_CASES = [
     dict(batch=1, n=1),
     dict(batch=1, n=7),  # shorter than one chunk
@@ -277,8 +277,23 @@ def test_tvm_long_alibi_is_stable():
     attrs = {"feature_map": "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5, "exact_below": 0}
     model, feeds, _ = build(OP, args, attrs)
     assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs), what="TVM long ALiBi")
-    # MPT's form c = m d (peak at a masked offset), with decay = 1 (TVM evaluates it by FFT)
+    # MPT's form c = m d (peak at a masked offset), by FFT and as a decay
     args[3] = ("rel_bias", increasing_alibi(n, [0.5, 1 / 256]))
+    for decay in (0, 1):
+        attrs["decay"] = decay
+        model, feeds, _ = build(OP, args, attrs)
+        assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs),
+                     what=f"TVM c = m d, decay={decay}")
+
+
+@pytest.mark.parametrize("kw", DECAY_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_tvm_decay_form_matches_direct_computation(kw):
+    pytest.importorskip("tvm")
+    from kernelize.backends import tvm as tvm_backend
+
+    args, attrs, consts = case(**kw, causal=1)
     attrs["decay"] = 1
-    model, feeds, _ = build(OP, args, attrs)
-    assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs), what="TVM c = m d")
+    model, feeds, _ = build(OP, args, attrs, consts)
+    built = tvm_backend.build(model, "cpu")
+    assert_close(built.run(feeds)[0], expected(args, attrs), what="TVM decay form")
+    assert "rpe_decay_factors" in built.schedules and "rpe_fft_attention" not in built.schedules

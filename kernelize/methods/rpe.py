@@ -10,7 +10,7 @@ projections, or hedgehog trained on the captured queries and keys (the relative 
 factor exp(c) outside the feature map, so the map is fitted to exp(q.k) as there).
 
 A causal site whose bias the pattern proved linear in the offset (ALiBi) gets ``decay = 1``:
-ONNX Runtime then evaluates it as a chunked decay instead of by FFT (see the operator).
+the backends then evaluate it as a chunked decay instead of by FFT (see the operator).
 
 ``info["output_error"]``: relative (Frobenius) error of the fitted operator against exact
 softmax attention with the same bias, on up to 4 captured samples.

@@ -46,12 +46,13 @@ either value columns of one feature pair (contiguous in v, contracted into conti
 accumulator lanes) or the normalizer columns of up to ``BLOCK_COLUMNS`` pairs. The exact
 branch in TVM runs in chunks of heads so its n x n intermediates fit in memory.
 ``decay = 1`` (set by the RPE methods where the pattern proved the bias is ALiBi and the
-attention causal: ``c[d] = c[0] + m d`` on d <= 0, m >= 0; ``reference`` checks it) makes the
-ONNX body evaluate E[i, j] = exp(-m (i - j)) as a chunked decay recurrence instead
-(:func:`_emit_decay`, O(n) MatMuls): ONNX Runtime's DFT kernel runs at 15-50 ns per point
-whatever the length, so its FFT path is slower than exact attention at every measured length;
-the decay form is the same operator with the same features, computed another way. TVM keeps
-its FFT kernel for every bias (it meets the speed target).
+attention causal: ``c[d] = c[0] + m d`` on d <= 0, m >= 0; ``reference`` checks it) makes both
+backends evaluate E[i, j] = exp(-m (i - j)) as a chunked decay instead of by FFT
+(:func:`_emit_decay`, :func:`_lower_decay`: MatMuls over chunks of ``DECAY_CHUNK``
+positions): the same operator with the same features, computed another way, O(n) up to a
+small [A, A] carry. It is what makes ALiBi fast on ONNX Runtime, whose DFT kernel runs at
+15-50 ns per point whatever the length (its FFT path is slower than exact attention at every
+measured length); a general Toeplitz bias (T5) takes the FFT.
 Self-attention only (as many keys as queries): a Toeplitz bias is square.
 ``exact_below``: below that many query positions the exact softmax attention with the full
 bias (Toeplitz + mask + causal) runs instead.
@@ -188,8 +189,8 @@ class RPEAttention(Operator):
         return lower_length_dispatch(
             query, int(attrs.get("exact_below", 0)),
             lambda: _lower_exact(bb, query, key, value, rel_bias, bias, scale, causal),
-            lambda: _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale,
-                               causal))
+            lambda: (_lower_decay if int(attrs.get("decay", 0)) else _lower_fft)(
+                bb, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale, causal))
 
 
 # -- ONNX helpers --------------------------------------------------------------------------
@@ -480,8 +481,91 @@ def _lower_exact(bb, query, key, value, rel_bias, bias, scale, causal):
     return bb.emit(op.matmul(probs, value))
 
 
-def _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+def _lower_key_weights(bb, bias, n: int):
+    """w_j of the key-padding ``bias`` as [B or 1, n] (ones without a mask)."""
     from tvm import relax, te
+
+    if bias is None:
+        return bb.emit(relax.const(np.ones((1, n), np.float32)))
+    bshape = _shape(bias)
+    if len(bshape) != 4 or bshape[1] != 1 or bshape[2] != 1:
+        raise ValueError(f"RPEAttention takes only a key-padding bias [batch or 1, 1, 1, n], not {bshape}")
+
+    def key_weight(b):
+        j = te.reduce_axis((0, n), "j")
+        kept = lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(-3e38),  # noqa: E731
+                                              b[r, 0, 0, jj])
+        top = te.compute((bshape[0],), lambda r: te.max(kept(r, j), axis=j), name="rpe_key_top")
+        return te.compute(
+            (bshape[0], n),
+            lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(0.0),
+                                          te.exp(te.min(b[r, 0, 0, jj] - top[r], np.float32(0.0)))),
+            name="rpe_key_weight")
+
+    return bb.emit_te(key_weight, bias, primfunc_name_hint="rpe_key_weight")
+
+
+def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+    """The decay form (``decay = 1``) in Relax: the same chunked computation as
+    :func:`_emit_decay`, with the decay factors computed from ``rel_bias`` by small TE kernels."""
+    from tvm import relax, te
+
+    if not causal:
+        raise ValueError("RPEAttention decay=1 is for causal attention only")
+    op = relax.op
+    root = relax.const(np.float32(math.sqrt(scale)), "float32")
+    phi_q = fm.lower_tvm(bb, kind, bb.emit(op.multiply(query, root)), "query", weight, fbias)
+    phi_k = fm.lower_tvm(bb, kind, bb.emit(op.multiply(key, root)), "key", weight, fbias)
+    batch, heads, n, head_size = _shape(value)
+    features = _shape(phi_q)[-1]
+    weights = _lower_key_weights(bb, bias, n)
+    phi_k = bb.emit(op.multiply(phi_k, op.reshape(weights, [_shape(weights)[0], 1, n, 1])))
+    ones = relax.const(np.ones((batch, heads, n, 1), np.float32))
+    value_1 = bb.emit(op.concat([value, ones], axis=-1))
+    b = DECAY_CHUNK
+    chunks = -(-n // b)
+
+    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
+        width = _shape(x)[-1]
+        padded = bb.emit(op.nn.pad(x, [0, 0, 0, 0, 0, chunks * b - n, 0, 0])) if chunks * b != n else x
+        return bb.emit(op.reshape(padded, [batch, heads, chunks, b, width]))
+
+    def factors(c):
+        """(inside [H, b, b], query decay [H, b, 1], key decay [H, b, 1], across [H, A, A])."""
+        slope = te.compute((heads,), lambda h: c[h, n - 1] - c[h, max(n - 2, 0)], name="rpe_slope")
+        inside = te.compute((heads, b, b), lambda h, i, j: te.if_then_else(
+            i >= j, te.exp(-slope[h] * (i - j).astype("float32")), np.float32(0)), name="rpe_inside")
+        query_decay = te.compute((heads, b, 1), lambda h, i, _: te.exp(-slope[h] * i.astype("float32")),
+                                 name="rpe_query_decay")
+        key_decay = te.compute((heads, b, 1), lambda h, j, _: te.exp(-slope[h] * (b - j).astype("float32")),
+                               name="rpe_key_decay")
+        across = te.compute((heads, chunks, chunks), lambda h, a, a2: te.if_then_else(
+            a > a2, te.exp(-slope[h] * np.float32(b) * (a - a2 - 1).astype("float32")), np.float32(0)),
+            name="rpe_across")
+        return [inside, query_decay, key_decay, across]
+
+    made = bb.emit_te(factors, rel_bias, primfunc_name_hint="rpe_decay_factors")
+    inside, query_decay, key_decay, across = (bb.emit(relax.TupleGetItem(made, i)) for i in range(4))
+    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    swap_last = [0, 1, 2, 4, 3]
+    scores = bb.emit(op.multiply(op.matmul(q, op.permute_dims(k, swap_last)), op.reshape(inside, [1, heads, 1, b, b])))
+    acc = bb.emit(op.matmul(scores, v))  # [B, H, A, b, E]
+    keyed = bb.emit(op.multiply(k, op.reshape(key_decay, [1, heads, 1, b, 1])))
+    states = bb.emit(op.matmul(op.permute_dims(keyed, swap_last), v))  # [B, H, A, M, E]
+    width = head_size + 1
+    carried = bb.emit(op.matmul(op.reshape(across, [1, heads, chunks, chunks]),
+                                op.reshape(states, [batch, heads, chunks, features * width])))
+    carried = bb.emit(op.reshape(carried, [batch, heads, chunks, features, width]))
+    read = bb.emit(op.multiply(q, op.reshape(query_decay, [1, heads, 1, b, 1])))
+    acc = bb.emit(op.add(acc, op.matmul(read, carried)))
+    acc = bb.emit(op.reshape(acc, [batch, heads, chunks * b, width]))
+    numerator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, 0], end=[n, head_size]))
+    denominator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, head_size], end=[n, width]))
+    return bb.emit(op.divide(numerator, op.maximum(denominator, relax.const(np.float32(TINY), "float32"))))
+
+
+def _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
+    from tvm import relax
 
     op = relax.op
     root = relax.const(np.float32(math.sqrt(scale)), "float32")
@@ -490,25 +574,7 @@ def _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale
     batch, heads, n, head_size = _shape(value)
     features = _shape(phi_q)[-1]
     length = fft_length(n)
-    if bias is None:
-        weights = bb.emit(relax.const(np.ones((1, n), np.float32)))
-    else:
-        bshape = _shape(bias)
-        if len(bshape) != 4 or bshape[1] != 1 or bshape[2] != 1:
-            raise ValueError(f"RPEAttention takes only a key-padding bias [batch or 1, 1, 1, n], not {bshape}")
-
-        def key_weight(b):
-            j = te.reduce_axis((0, n), "j")
-            kept = lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(-3e38),  # noqa: E731
-                                                  b[r, 0, 0, jj])
-            top = te.compute((bshape[0],), lambda r: te.max(kept(r, j), axis=j), name="rpe_key_top")
-            return te.compute(
-                (bshape[0], n),
-                lambda r, jj: te.if_then_else(b[r, 0, 0, jj] <= np.float32(MASKED), np.float32(0.0),
-                                              te.exp(te.min(b[r, 0, 0, jj] - top[r], np.float32(0.0)))),
-                name="rpe_key_weight")
-
-        weights = bb.emit_te(key_weight, bias, primfunc_name_hint="rpe_key_weight")
+    weights = _lower_key_weights(bb, bias, n)
     wr, wi = _twiddles(length, FFT_DTYPE)
     twiddle_r, twiddle_i = relax.const(wr, FFT_DTYPE), relax.const(wi, FFT_DTYPE)
     spectrum_gv = bb.add_func(_spectrum_kernel(heads, n, length, bool(causal)), "rpe_kernel_spectrum")
