@@ -520,8 +520,11 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
     features = _shape(phi_q)[-1]
     weights = _lower_key_weights(bb, bias, n)
     phi_k = bb.emit(op.multiply(phi_k, op.reshape(weights, [_shape(weights)[0], 1, n, 1])))
-    ones = relax.const(np.ones((batch, heads, n, 1), np.float32))
-    value_1 = bb.emit(op.concat([value, ones], axis=-1))
+    # [v | 1 | 0 ...]: the width padded to a multiple of 16 so that every product vectorizes
+    width = -(-(head_size + 1) // 16) * 16
+    extra = np.zeros((batch, heads, n, width - head_size), np.float32)
+    extra[..., 0] = 1.0
+    value_1 = bb.emit(op.concat([value, relax.const(extra)], axis=-1))
     b = DECAY_CHUNK
     chunks = -(-n // b)
 
@@ -552,7 +555,6 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
     acc = bb.emit(op.matmul(scores, v))  # [B, H, A, b, E]
     keyed = bb.emit(op.multiply(k, op.reshape(key_decay, [1, heads, 1, b, 1])))
     states = bb.emit(op.matmul(op.permute_dims(keyed, swap_last), v))  # [B, H, A, M, E]
-    width = head_size + 1
     carried = bb.emit(op.matmul(op.reshape(across, [1, heads, chunks, chunks]),
                                 op.reshape(states, [batch, heads, chunks, features * width])))
     carried = bb.emit(op.reshape(carried, [batch, heads, chunks, features, width]))
@@ -560,7 +562,7 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
     acc = bb.emit(op.add(acc, op.matmul(read, carried)))
     acc = bb.emit(op.reshape(acc, [batch, heads, chunks * b, width]))
     numerator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, 0], end=[n, head_size]))
-    denominator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, head_size], end=[n, width]))
+    denominator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, head_size], end=[n, head_size + 1]))
     return bb.emit(op.divide(numerator, op.maximum(denominator, relax.const(np.float32(TINY), "float32"))))
 
 
