@@ -125,9 +125,11 @@ def feeds_of(batch: int, seq: int, left: bool = False) -> dict:
     return {k: v.numpy() for k, v in text_inputs(batch, seq, left=left).items()}
 
 
-def rewrite(model: ir.Model, feature_map: str, exact_below: int, decay: bool = False) -> list[Toeplitz]:
+def rewrite(model: ir.Model, feature_map: str, exact_below: int, decay: bool = False,
+            far: bool = False) -> list[Toeplitz]:
     """Every attention core -> RPEAttention (raises if one is not Toeplitz); ``decay``: causal
-    ALiBi sites get ``decay = 1`` as the RPE methods give them."""
+    ALiBi sites get ``decay = 1``, ``far``: sites with a far-field constant get ``far_from``, as
+    the RPE methods give them."""
     found = []
     for index, site in enumerate(attention_cores(model)[0]):
         site.index = index
@@ -138,7 +140,8 @@ def rewrite(model: ir.Model, feature_map: str, exact_below: int, decay: bool = F
         site.inputs = [q, k, v, toeplitz.rel_bias, toeplitz.mask]
         site.attrs = {"feature_map": feature_map, "causal": int(toeplitz.causal), "scale": site.attrs["scale"],
                       "exact_below": exact_below,
-                      "decay": int(decay and toeplitz.causal and toeplitz.source == "alibi")}
+                      "decay": int(decay and toeplitz.causal and toeplitz.source == "alibi"),
+                      "far_from": int(toeplitz.info.get("far_from", 0)) if far else 0}
         site.extra_nodes = site.extra_nodes + toeplitz.nodes
         apply_site(model, site)
         found.append(toeplitz)
@@ -234,6 +237,24 @@ def test_alibi_decay_form_equals_the_fft_end_to_end(exported):
         name = by_fft.graph.outputs[0].name
         fft, decay = outputs(by_fft, feeds, [name])[name], outputs(by_decay, feeds, [name])[name]
         assert np.max(np.abs(decay - fft)) <= 1e-5 * max(1.0, float(np.max(np.abs(fft))))
+
+
+@pytest.mark.parametrize("exported", ["t5"], indirect=True)
+def test_t5_far_field_form_equals_the_fft_end_to_end(exported):
+    """T5's buckets clamp: the pattern finds the bias constant beyond offset 91 (32 buckets,
+    max_distance 128; checked on 2^20 offsets), and the far-field form (``far_from``) computes
+    the same operator as the FFT: the two rewritten models agree end to end, also at lengths
+    with keys in the far field on both sides."""
+    _, _, model, _, _ = exported
+    by_fft, by_far = (ir.from_proto(ir.to_proto(model)) for _ in range(2))
+    rewrite(by_fft, "elu", 0)
+    found = rewrite(by_far, "elu", 0, far=True)
+    assert all(t.info["far_from"] == 91 for t in found)
+    for batch, n in ((2, 16), (2, 250)):
+        feeds = feeds_of(batch, n)
+        name = by_fft.graph.outputs[0].name
+        fft, far = outputs(by_fft, feeds, [name])[name], outputs(by_far, feeds, [name])[name]
+        assert np.max(np.abs(far - fft)) <= 1e-5 * max(1.0, float(np.max(np.abs(fft))))
 
 
 @pytest.mark.parametrize("exported", ["bloom"], indirect=True)

@@ -237,6 +237,60 @@ def test_decay_form_refuses_what_is_not_causal_alibi():
         OP.reference(*[a for _, a in args], **{**attrs, "decay": 1})
 
 
+# -- the far-field form (far_from = w) --------------------------------------------------------------
+def t5_far_from(bidirectional: bool) -> int:
+    """Where t5_bucket stops changing, found on a long range of offsets (independently of the
+    pattern's own evaluation)."""
+    d = np.arange(1, 1 << 14)
+    w = 1
+    for side in (d, -d):
+        buckets = t5_bucket(side, bidirectional)
+        changes = np.flatnonzero(buckets != buckets[-1])
+        w = max(w, int(changes[-1]) + 2 if changes.size else 1)
+    return w
+
+
+FAR_CASES = [
+    dict(batch=1, n=40),  # shorter than w: every key is in the band
+    dict(batch=1, n=300),
+    dict(batch=2, n=301, causal=1, mask=True),
+    dict(batch=2, n=250, feature_map="favor"),
+    dict(batch=2, n=500, mask=True, feature_map="hedgehog"),
+]
+
+
+def far_case(**kw):
+    args, attrs, consts = case(source="t5", **kw)
+    attrs["far_from"] = t5_far_from(bidirectional=not kw.get("causal"))
+    return args, attrs, consts
+
+
+@pytest.mark.parametrize("kw", FAR_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_onnx_far_field_form_matches_direct_computation(kw):
+    args, attrs, consts = far_case(**kw)
+    if not kw.get("causal"):
+        assert attrs["far_from"] == 91  # T5's 32 buckets (16 a side), max_distance 128
+    assert_close(run_onnx(args, attrs, consts), expected(args, attrs), what="ONNX far-field form")
+
+
+def test_far_field_form_refuses_a_bias_that_keeps_changing():
+    args, attrs, _ = case(1, 40)  # ALiBi: never constant
+    with pytest.raises(ValueError, match="constant beyond"):
+        OP.reference(*[a for _, a in args], **{**attrs, "far_from": 10})
+
+
+@pytest.mark.parametrize("kw", FAR_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_tvm_far_field_form_matches_direct_computation(kw):
+    pytest.importorskip("tvm")
+    from kernelize.backends import tvm as tvm_backend
+
+    args, attrs, consts = far_case(**kw)
+    model, feeds, _ = build(OP, args, attrs, consts)
+    built = tvm_backend.build(model, "cpu")
+    assert_close(built.run(feeds)[0], expected(args, attrs), what="TVM far-field form")
+    assert "rpe_far_factors" in built.schedules and "rpe_fft_attention" not in built.schedules
+
+
 # -- TVM (TIR FFT kernel) ------------------------------------------------------------------------
 TVM_CASES = [
     dict(batch=2, n=13, mask=True),

@@ -27,6 +27,7 @@ class CapturedAttention:
     causal: bool  # the mask is the causal one (possibly plus padding)
     rel_bias: np.ndarray | None = None  # [H, 2S-1] Toeplitz relative-position bias, when the site has one
     rel_linear: bool = False  # the pattern proved rel_bias linear in the offset at every length (ALiBi)
+    rel_far_from: int = 0  # the pattern found rel_bias constant beyond this offset on each side (T5), or 0
 
     def take(self, index) -> "CapturedAttention":
         """The samples ``index`` (a slice or index array over N)."""

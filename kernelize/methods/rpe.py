@@ -10,7 +10,9 @@ projections, or hedgehog trained on the captured queries and keys (the relative 
 factor exp(c) outside the feature map, so the map is fitted to exp(q.k) as there).
 
 A causal site whose bias the pattern proved linear in the offset (ALiBi) gets ``decay = 1``:
-the backends then evaluate it as a chunked decay instead of by FFT (see the operator).
+the backends then evaluate it as a chunked decay instead of by FFT (see the operator). A site
+whose bias the pattern found constant beyond some offset w on each side (T5's clamped buckets)
+gets ``far_from = w``: a band of exact Toeplitz weights plus a constant far field, no FFT.
 
 ``info["output_error"]``: relative (Frobenius) error of the fitted operator against exact
 softmax attention with the same bias, on up to 4 captured samples.
@@ -24,7 +26,7 @@ import numpy as np
 
 from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost
 from kernelize.ops import feature_maps
-from kernelize.ops.rpe_attention import DECAY_CHUNK, MASKED, fft_length, toeplitz
+from kernelize.ops.rpe_attention import DECAY_CHUNK, MASKED, band_chunk, fft_length, toeplitz
 
 ERROR_SAMPLES = 4
 
@@ -115,6 +117,7 @@ class RPEMethod(Method):
         attrs = {"feature_map": self.feature_map, "causal": int(bool(captured.causal)),
                  "scale": float(captured.scale), "exact_below": int(exact_below),
                  "decay": int(decay_form(captured, rel_bias))}
+        attrs["far_from"] = 0 if attrs["decay"] else int(captured.rel_far_from)
         fitted = Fitted(self.name, "RPEAttention", attrs, [weight, fbias],
                         {"features": feature_maps.feature_count(self.feature_map, head_size, weight), **info})
         sample = slice(0, ERROR_SAMPLES)
@@ -142,6 +145,9 @@ class RPEMethod(Method):
             chunks = math.ceil(s / b_)
             decay = s * b_ * (m + d + 1) + 2 * s * m * (d + 1) + chunks * chunks * m * (d + 1)
             return projection + b * h * decay
+        if fitted.attrs.get("far_from"):  # [b, 3b] neighbourhoods, chunk states and their sums
+            b_ = band_chunk(fitted.attrs["far_from"])
+            return projection + b * h * (3 * s * b_ * (m + d + 1) + 3 * s * m * (d + 1))
         n_fft = fft_length(s)
         columns = math.ceil(m / 2) * (d + 1)
         per_column = 2 * (n_fft / 2) * math.log2(n_fft) * 5 + 4 * n_fft + 2 * s

@@ -52,7 +52,12 @@ backends evaluate E[i, j] = exp(-m (i - j)) as a chunked decay instead of by FFT
 positions): the same operator with the same features, computed another way, O(n) up to a
 small [A, A] carry. It is what makes ALiBi fast on ONNX Runtime, whose DFT kernel runs at
 15-50 ns per point whatever the length (its FFT path is slower than exact attention at every
-measured length); a general Toeplitz bias (T5) takes the FFT.
+measured length). ``far_from = w`` (set where the pattern found the bias constant beyond
+offset w on each side: T5's clamped buckets; ``reference`` checks it) takes another exact
+route: chunks of b >= w positions, each query chunk with its three neighbouring key chunks at
+the true Toeplitz weights, and the keys further away at the two constant far-field weights
+through prefix and suffix sums of the chunk states (:func:`_emit_far_field`,
+:func:`_lower_far_field`), O(n b). Any other Toeplitz bias takes the FFT.
 Self-attention only (as many keys as queries): a Toeplitz bias is square.
 ``exact_below``: below that many query positions the exact softmax attention with the full
 bias (Toeplitz + mask + causal) runs instead.
@@ -128,6 +133,22 @@ def check_decay(c: np.ndarray, n: int, causal) -> None:
         raise ValueError("RPEAttention decay=1 needs c[d] = c[0] + m d (m >= 0) on the offsets d <= 0 (ALiBi)")
 
 
+def check_far_field(c: np.ndarray, n: int, far_from: int) -> None:
+    """``far_from = w`` promises c constant on each side beyond w: c[d] = c[-w] for d <= -w and
+    c[d] = c[w] for d >= w (T5's buckets clamp at ``max_distance``)."""
+    c = np.asarray(c, np.float64)
+    if far_from < 1:
+        raise ValueError("RPEAttention far_from must be >= 1 (0: no far-field promise)")
+    if n > far_from and not (np.all(c[:, :n - far_from] == c[:, :1]) and np.all(c[:, n - 1 + far_from:] == c[:, -1:])):
+        raise ValueError(f"RPEAttention far_from={far_from} needs rel_bias constant beyond offset {far_from} "
+                         "on each side")
+
+
+def band_chunk(far_from: int) -> int:
+    """Positions per chunk of the far-field form: >= far_from, a multiple of 16."""
+    return max(16, -(-far_from // 16) * 16)
+
+
 def _softmax(x):
     m = np.max(x, axis=-1, keepdims=True)
     e = np.exp(x - m)
@@ -137,11 +158,12 @@ def _softmax(x):
 class RPEAttention(Operator):
     name = "RPEAttention"
     inputs = ("query", "key", "value", "rel_bias", "bias?", "feature_weight?", "feature_bias?")
-    attributes = {"feature_map": str, "causal": int, "scale": float, "exact_below": int, "decay": int}
+    attributes = {"feature_map": str, "causal": int, "scale": float, "exact_below": int, "decay": int,
+                  "far_from": int}
 
     # -- NumPy -------------------------------------------------------------------------
     def reference(self, query, key, value, rel_bias, bias=None, feature_weight=None, feature_bias=None, *,
-                  feature_map, causal=0, scale, exact_below=0, decay=0):
+                  feature_map, causal=0, scale, exact_below=0, decay=0, far_from=0):
         q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
         n = q.shape[-2]
         if k.shape[-2] != n:
@@ -161,6 +183,8 @@ class RPEAttention(Operator):
         phi_k = fm.reference(feature_map, k * root, "key", feature_weight, feature_bias)
         if decay:
             check_decay(c, n, causal)
+        if far_from:
+            check_far_field(c, n, far_from)
         kernel = np.exp(np.where(tri, toeplitz(c - bias_peak(c, n, causal), n), -np.inf))
         weights = (phi_q @ np.swapaxes(phi_k, -1, -2)) * kernel * key_weights(bias, n)
         out = (weights @ v) / np.maximum(np.sum(weights, axis=-1, keepdims=True), TINY)
@@ -178,6 +202,8 @@ class RPEAttention(Operator):
             features = _emit_features(t, query, key, value, bias, weight, fbias, attrs["feature_map"], scale)
             if int(attrs.get("decay", 0)):
                 return _emit_decay(t, *features, rel_bias, causal)
+            if int(attrs.get("far_from", 0)):
+                return _emit_far_field(t, *features, rel_bias, causal, int(attrs["far_from"]))
             return _emit_fft(t, *features, rel_bias, causal)
 
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
@@ -189,8 +215,18 @@ class RPEAttention(Operator):
         return lower_length_dispatch(
             query, int(attrs.get("exact_below", 0)),
             lambda: _lower_exact(bb, query, key, value, rel_bias, bias, scale, causal),
-            lambda: (_lower_decay if int(attrs.get("decay", 0)) else _lower_fft)(
-                bb, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale, causal))
+            lambda: _lower_approximate(bb, inputs, attrs, scale, causal))
+
+
+def _lower_approximate(bb, inputs, attrs, scale, causal):
+    """The kernelized computation in TVM: decay, far-field or FFT form (as in ``body``)."""
+    query, key, value, rel_bias, bias, weight, fbias = inputs
+    args = (bb, query, key, value, rel_bias, bias, weight, fbias, attrs["feature_map"], scale, causal)
+    if int(attrs.get("decay", 0)):
+        return _lower_decay(*args)
+    if int(attrs.get("far_from", 0)):
+        return _lower_far_field(*args, int(attrs["far_from"]))
+    return _lower_fft(*args)
 
 
 # -- ONNX helpers --------------------------------------------------------------------------
@@ -414,6 +450,82 @@ def _emit_decay(tape, phi_q, phi_k, value_1, n, rel_bias, causal):
     return _emit_ratio(tape, acc)
 
 
+def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
+    """The far-field form (``far_from = w``: c constant beyond offset w on each side), in chunks
+    of b = :func:`band_chunk` (w) >= w positions.
+
+    Keys within w of a query lie in its own chunk or a neighbour: each query chunk takes the
+    three chunks around it with the true weights E[i, j] = exp(c[j - i] - peak) (an [b, 3b]
+    block per chunk; the same Toeplitz values, gathered once). Keys further away, in chunks
+    <= a - 2 and >= a + 2, all have the weight e_L = exp(c[-(n-1)] - peak), resp. e_R =
+    exp(c[n-1] - peak): exclusive prefix and suffix sums of the chunk states phi(k)^T [v | 1].
+    O(n b (M + D)) plus O(n M D)."""
+    b = band_chunk(far_from)
+    index = tape.op("Squeeze", [n, _i64(tape, [0])])
+    seen = tape.op("Slice", [rel_bias, _i64(tape, [0]), n, _i64(tape, [1])]) if causal else rel_bias
+    peak = tape.op("ReduceMax", [seen, _i64(tape, [-1])], {"keepdims": 1})  # [H, 1]
+    # the [b, 3b] block of weights: key slot s of the neighbourhood, offset d = s - b - i'
+    slots = tape.op("Range", [const(tape, 0, np.int64), const(tape, 3 * b, np.int64), const(tape, 1, np.int64)])
+    rows = tape.op("Range", [const(tape, 0, np.int64), const(tape, b, np.int64), const(tape, 1, np.int64)])
+    offset = tape.op("Sub", [tape.op("Sub", [tape.op("Unsqueeze", [slots, _i64(tape, [0])]), const(tape, b, np.int64)]),
+                             tape.op("Unsqueeze", [rows, _i64(tape, [1])])])  # [b, 3b]
+    last = tape.op("Sub", [tape.op("Add", [index, index]), const(tape, 2, np.int64)])  # 2n - 2
+    position = tape.op("Min", [tape.op("Max", [tape.op("Add", [offset, tape.op("Sub", [
+        index, const(tape, 1, np.int64)])]), const(tape, 0, np.int64)]), last])  # clamped: such keys are padding
+    near = tape.op("Exp", [tape.op("Sub", [tape.op("Gather", [rel_bias, position], {"axis": 1}),
+                                            tape.op("Unsqueeze", [peak, _i64(tape, [-1])])])])  # [H, b, 3b]
+    if causal:
+        near = tape.op("Where", [tape.op("Greater", [offset, const(tape, 0, np.int64)]), const(tape, 0.0), near])
+    far_left = tape.op("Exp", [tape.op("Sub", [tape.op("Slice", [rel_bias, _i64(tape, [0]), _i64(tape, [1]),
+                                                                 _i64(tape, [1])]), peak])])  # [H, 1]
+    far_right = tape.op("Exp", [tape.op("Sub", [tape.op("Slice", [rel_bias, _i64(tape, [-1]), _i64(tape, [2 ** 62]),
+                                                                  _i64(tape, [1])]), peak])])
+
+    chunks = tape.op("Div", [tape.op("Add", [n, _i64(tape, [b - 1])]), _i64(tape, [b])])
+    pad = tape.op("Sub", [tape.op("Mul", [chunks, _i64(tape, [b])]), n])
+    pads = tape.op("Concat", [_i64(tape, [0] * 6), pad, _i64(tape, [0])], {"axis": 0})
+
+    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
+        shape = tape.op("Concat", [_i64(tape, [0, 0, -1, b]), tape.op("Shape", [x], {"start": -1})], {"axis": 0})
+        return tape.op("Reshape", [tape.op("Pad", [x, pads]), shape])
+
+    def neighbourhood(x):  # [B, H, A, b, X] -> [B, H, A, 3b, X]: chunks a - 1, a, a + 1 (zeros past the ends)
+        padded = tape.op("Pad", [x, _i64(tape, [0, 0, 1, 0, 0, 0, 0, 1, 0, 0])])
+        count = tape.op("Shape", [x], {"start": 2, "end": 3})
+        parts = [tape.op("Slice", [padded, _i64(tape, [s]), tape.op("Add", [count, _i64(tape, [s])]), _i64(tape, [2])])
+                 for s in range(3)]
+        return tape.op("Concat", parts, {"axis": 3})
+
+    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    swap_last = [0, 1, 2, 4, 3]
+    scores = tape.op("MatMul", [q, tape.op("Transpose", [neighbourhood(k)], {"perm": swap_last})])  # [B, H, A, b, 3b]
+    scores = tape.op("Mul", [scores, tape.op("Unsqueeze", [near, _i64(tape, [0, 2])])])
+    acc = tape.op("MatMul", [scores, neighbourhood(v)])  # [B, H, A, b, E]
+    states = tape.op("MatMul", [tape.op("Transpose", [k], {"perm": swap_last}), v])  # [B, H, A, M, E]
+    # sum over chunks <= a - 2: exclusive prefix sums moved one chunk on (zeros in front)
+    before = tape.op("CumSum", [states, const(tape, 2, np.int64)], {"exclusive": 1})
+    before = tape.op("Slice", [tape.op("Pad", [before, _i64(tape, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0])]),
+                               _i64(tape, [0]), count_of(tape, states), _i64(tape, [2])])
+    scale_left = tape.op("Reshape", [far_left, _i64(tape, [1, -1, 1, 1, 1])])
+    far = tape.op("Mul", [before, scale_left])
+    if not causal:
+        after = tape.op("CumSum", [states, const(tape, 2, np.int64)], {"exclusive": 1, "reverse": 1})
+        after = tape.op("Slice", [tape.op("Pad", [after, _i64(tape, [0, 0, 0, 0, 0, 0, 0, 1, 0, 0])]),
+                                  _i64(tape, [1]), tape.op("Add", [count_of(tape, states), _i64(tape, [1])]),
+                                  _i64(tape, [2])])
+        far = tape.op("Add", [far, tape.op("Mul", [after, tape.op("Reshape", [far_right, _i64(tape, [1, -1, 1, 1, 1])])])])
+    acc = tape.op("Add", [acc, tape.op("MatMul", [q, far])])
+    acc = tape.op("Reshape", [acc, tape.op("Concat", [_i64(tape, [0, 0, -1]), tape.op("Shape", [acc], {"start": -1})],
+                                           {"axis": 0})])
+    acc = tape.op("Slice", [acc, _i64(tape, [0]), n, _i64(tape, [2])])  # [B, H, n, E]
+    return _emit_ratio(tape, acc)
+
+
+def count_of(tape, x):
+    """The chunk count A of [B, H, A, ...] as a [1] int64 tensor."""
+    return tape.op("Shape", [x], {"start": 2, "end": 3})
+
+
 # -- TVM helpers ---------------------------------------------------------------------------
 def _shape(expr) -> list[int]:
     """Static shape of a Relax expression (``ty`` in TVM 0.27, ``struct_info`` before)."""
@@ -505,6 +617,48 @@ def _lower_key_weights(bb, bias, n: int):
     return bb.emit_te(key_weight, bias, primfunc_name_hint="rpe_key_weight")
 
 
+def _lower_features(bb, query, key, value, bias, weight, fbias, kind, scale):
+    """(phi(q), phi(k) w, [v | 1 | 0 ...]) for the chunked forms; the value's width padded to
+    a multiple of 16 so that every product vectorizes (65 columns left them scalar: 451 vs 95
+    ms for the decay form at n = 8192)."""
+    from tvm import relax
+
+    op = relax.op
+    root = relax.const(np.float32(math.sqrt(scale)), "float32")
+    phi_q = fm.lower_tvm(bb, kind, bb.emit(op.multiply(query, root)), "query", weight, fbias)
+    phi_k = fm.lower_tvm(bb, kind, bb.emit(op.multiply(key, root)), "key", weight, fbias)
+    batch, heads, n, head_size = _shape(value)
+    weights = _lower_key_weights(bb, bias, n)
+    phi_k = bb.emit(op.multiply(phi_k, op.reshape(weights, [_shape(weights)[0], 1, n, 1])))
+    width = -(-(head_size + 1) // 16) * 16
+    extra = np.zeros((batch, heads, n, width - head_size), np.float32)
+    extra[..., 0] = 1.0
+    return phi_q, phi_k, bb.emit(op.concat([value, relax.const(extra)], axis=-1))
+
+
+def _lower_blocks(bb, x, chunk: int):
+    """[B, H, n, X] -> [B, H, A, chunk, X], zero-padded."""
+    from tvm import relax
+
+    batch, heads, n, width = _shape(x)
+    chunks = -(-n // chunk)
+    if chunks * chunk != n:
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, chunks * chunk - n, 0, 0]))
+    return bb.emit(relax.op.reshape(x, [batch, heads, chunks, chunk, width]))
+
+
+def _lower_ratio(bb, acc, n: int, head_size: int):
+    """[B, H, A, b, E] accumulators -> numerator / max(normalizer, TINY) over the first n positions."""
+    from tvm import relax
+
+    op = relax.op
+    batch, heads, chunks, b, width = _shape(acc)
+    acc = bb.emit(op.reshape(acc, [batch, heads, chunks * b, width]))
+    numerator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, 0], end=[n, head_size]))
+    denominator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, head_size], end=[n, head_size + 1]))
+    return bb.emit(op.divide(numerator, op.maximum(denominator, relax.const(np.float32(TINY), "float32"))))
+
+
 def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):
     """The decay form (``decay = 1``) in Relax: the same chunked computation as
     :func:`_emit_decay`, with the decay factors computed from ``rel_bias`` by small TE kernels."""
@@ -513,25 +667,11 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
     if not causal:
         raise ValueError("RPEAttention decay=1 is for causal attention only")
     op = relax.op
-    root = relax.const(np.float32(math.sqrt(scale)), "float32")
-    phi_q = fm.lower_tvm(bb, kind, bb.emit(op.multiply(query, root)), "query", weight, fbias)
-    phi_k = fm.lower_tvm(bb, kind, bb.emit(op.multiply(key, root)), "key", weight, fbias)
+    phi_q, phi_k, value_1 = _lower_features(bb, query, key, value, bias, weight, fbias, kind, scale)
     batch, heads, n, head_size = _shape(value)
-    features = _shape(phi_q)[-1]
-    weights = _lower_key_weights(bb, bias, n)
-    phi_k = bb.emit(op.multiply(phi_k, op.reshape(weights, [_shape(weights)[0], 1, n, 1])))
-    # [v | 1 | 0 ...]: the width padded to a multiple of 16 so that every product vectorizes
-    width = -(-(head_size + 1) // 16) * 16
-    extra = np.zeros((batch, heads, n, width - head_size), np.float32)
-    extra[..., 0] = 1.0
-    value_1 = bb.emit(op.concat([value, relax.const(extra)], axis=-1))
+    features, width = _shape(phi_q)[-1], _shape(value_1)[-1]
     b = DECAY_CHUNK
     chunks = -(-n // b)
-
-    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
-        width = _shape(x)[-1]
-        padded = bb.emit(op.nn.pad(x, [0, 0, 0, 0, 0, chunks * b - n, 0, 0])) if chunks * b != n else x
-        return bb.emit(op.reshape(padded, [batch, heads, chunks, b, width]))
 
     def factors(c):
         """(inside [H, b, b], query decay [H, b, 1], key decay [H, b, 1], across [H, A, A])."""
@@ -549,7 +689,7 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
 
     made = bb.emit_te(factors, rel_bias, primfunc_name_hint="rpe_decay_factors")
     inside, query_decay, key_decay, across = (bb.emit(relax.TupleGetItem(made, i)) for i in range(4))
-    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    q, k, v = (_lower_blocks(bb, x, b) for x in (phi_q, phi_k, value_1))
     swap_last = [0, 1, 2, 4, 3]
     scores = bb.emit(op.multiply(op.matmul(q, op.permute_dims(k, swap_last)), op.reshape(inside, [1, heads, 1, b, b])))
     acc = bb.emit(op.matmul(scores, v))  # [B, H, A, b, E]
@@ -559,11 +699,60 @@ def _lower_decay(bb, query, key, value, rel_bias, bias, weight, fbias, kind, sca
                                 op.reshape(states, [batch, heads, chunks, features * width])))
     carried = bb.emit(op.reshape(carried, [batch, heads, chunks, features, width]))
     read = bb.emit(op.multiply(q, op.reshape(query_decay, [1, heads, 1, b, 1])))
-    acc = bb.emit(op.add(acc, op.matmul(read, carried)))
-    acc = bb.emit(op.reshape(acc, [batch, heads, chunks * b, width]))
-    numerator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, 0], end=[n, head_size]))
-    denominator = bb.emit(op.strided_slice(acc, axes=[2, 3], begin=[0, head_size], end=[n, head_size + 1]))
-    return bb.emit(op.divide(numerator, op.maximum(denominator, relax.const(np.float32(TINY), "float32"))))
+    return _lower_ratio(bb, bb.emit(op.add(acc, op.matmul(read, carried))), n, head_size)
+
+
+def _lower_far_field(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal, far_from):
+    """The far-field form (``far_from``) in Relax: the computation of :func:`_emit_far_field`,
+    the neighbourhood weights and far-field factors from ``rel_bias`` by one TE kernel."""
+    from tvm import relax, te
+
+    op = relax.op
+    phi_q, phi_k, value_1 = _lower_features(bb, query, key, value, bias, weight, fbias, kind, scale)
+    batch, heads, n, head_size = _shape(value)
+    b = band_chunk(far_from)
+    chunks = -(-n // b)
+    seen = n if causal else 2 * n - 1  # see bias_peak
+
+    def factors(c):
+        """(near [H, b, 3b], far-left [H], far-right [H]) weights."""
+        j = te.reduce_axis((0, seen), "j")
+        peak = te.compute((heads,), lambda h: te.max(c[h, j], axis=j), name="rpe_peak")
+
+        def near(h, i, slot):
+            offset = slot - b - i
+            weight_ = te.exp(c[h, te.min(te.max(offset + n - 1, 0), 2 * n - 2)] - peak[h])
+            return te.if_then_else(offset > 0, np.float32(0), weight_) if causal else weight_
+
+        return [te.compute((heads, b, 3 * b), near, name="rpe_near"),
+                te.compute((heads,), lambda h: te.exp(c[h, 0] - peak[h]), name="rpe_far_left"),
+                te.compute((heads,), lambda h: te.exp(c[h, 2 * n - 2] - peak[h]), name="rpe_far_right")]
+
+    made = bb.emit_te(factors, rel_bias, primfunc_name_hint="rpe_far_factors")
+    near, far_left, far_right = (bb.emit(relax.TupleGetItem(made, i)) for i in range(3))
+    q, k, v = (_lower_blocks(bb, x, b) for x in (phi_q, phi_k, value_1))
+
+    def neighbourhood(x):  # [B, H, A, b, X] -> [B, H, A, 3b, X]: chunks a - 1, a, a + 1
+        padded = bb.emit(op.nn.pad(x, [0, 0, 0, 0, 1, 1, 0, 0, 0, 0]))
+        parts = [bb.emit(op.strided_slice(padded, axes=[2], begin=[s], end=[s + chunks])) for s in range(3)]
+        return bb.emit(op.concat(parts, axis=3))
+
+    swap_last = [0, 1, 2, 4, 3]
+    scores = bb.emit(op.matmul(q, op.permute_dims(neighbourhood(k), swap_last)))  # [B, H, A, b, 3b]
+    scores = bb.emit(op.multiply(scores, op.reshape(near, [1, heads, 1, b, 3 * b])))
+    acc = bb.emit(op.matmul(scores, neighbourhood(v)))  # [B, H, A, b, E]
+    states = bb.emit(op.matmul(op.permute_dims(k, swap_last), v))  # [B, H, A, M, E]
+    # chunks <= a - 2: exclusive prefix sums moved one chunk on
+    before = bb.emit(op.cumsum(states, axis=2, exclusive=True))
+    before = bb.emit(op.strided_slice(op.nn.pad(before, [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]), axes=[2], begin=[0],
+                                      end=[chunks]))
+    far = bb.emit(op.multiply(before, op.reshape(far_left, [1, heads, 1, 1, 1])))
+    if not causal:  # chunks >= a + 2: the same from the other end
+        after = bb.emit(op.flip(op.cumsum(op.flip(states, axis=2), axis=2, exclusive=True), axis=2))
+        after = bb.emit(op.strided_slice(op.nn.pad(after, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]), axes=[2], begin=[1],
+                                         end=[chunks + 1]))
+        far = bb.emit(op.add(far, op.multiply(after, op.reshape(far_right, [1, heads, 1, 1, 1]))))
+    return _lower_ratio(bb, bb.emit(op.add(acc, op.matmul(q, far))), n, head_size)
 
 
 def _lower_fft(bb, query, key, value, rel_bias, bias, weight, fbias, kind, scale, causal):

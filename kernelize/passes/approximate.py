@@ -254,7 +254,8 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
                 mask_value = s.toeplitz.mask
                 captured[rpe_key(s.id)] = dataclasses.replace(
                     entry, bias=values[mask_value.name] if mask_value is not None else None, rel_bias=rel,
-                    causal=bool(s.toeplitz.causal) or entry.causal, rel_linear=s.toeplitz.source == "alibi")
+                    causal=bool(s.toeplitz.causal) or entry.causal, rel_linear=s.toeplitz.source == "alibi",
+                    rel_far_from=int(s.toeplitz.info.get("far_from", 0)))
         else:
             x = values[site.inputs[0].name]
             if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:

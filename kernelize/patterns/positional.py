@@ -47,6 +47,7 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Abs", "Neg", "Cast", "Greater", "Les
                "Clip", "Pow", "Sqrt", "Exp", "Expand", "Shape", "Identity"}
 COMPARISONS = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
 BIG = 2 ** 62
+FAR_RANGE = 1 << 20  # offsets on which a T5 bucket function is checked constant beyond some w
 _COUNTER = itertools.count()
 
 
@@ -208,7 +209,45 @@ def _t5(term: ir.Value, build: _Builder):
     gathered = build.op("Gather", [gather.inputs[0], mapping[index]], {"axis": 0})  # [2n - 1, H]
     rel = build.op("Transpose", [gathered], {"perm": [1, 0]}, name="rel_bias")
     rel = build.op("Cast", [rel], {"to": 1}, name="rel_bias")
-    return rel, {"buckets": int(table.shape[0]), "heads": int(table.shape[1]), "lengths": "any (buckets clamp)"}
+    info = {"buckets": int(table.shape[0]), "heads": int(table.shape[1]), "lengths": "any (buckets clamp)"}
+    far_from = _constant_beyond(order, d_node.outputs[0], index, sign)
+    if far_from is not None:
+        info.update(far_from=far_from, far_checked=FAR_RANGE)
+    return rel, info
+
+
+def _constant_beyond(order: list[ir.Node], d_value: ir.Value, index: ir.Value, sign: int) -> int | None:
+    """The smallest w with the bucket index constant on d <= -w and on d >= w (d = j - i), found by
+    evaluating the bucket function on every offset |d| <= ``FAR_RANGE`` (T5's buckets clamp at
+    ``max_distance``); None where it still changes in the outer half of that range."""
+    import onnxruntime as ort
+
+    source = ir.Value(name="d", type=d_value.type, shape=ir.Shape([2 * FAR_RANGE + 1]))
+    build = _Builder("far")
+    mapping = {d_value: source}
+    for node in order:
+        inputs = []
+        for value in node.inputs:
+            if value in mapping or value is None:
+                inputs.append(mapping.get(value))
+            else:  # a constant of the bucket function
+                inputs.append(build.const(const_array(value), const_array(value).dtype))
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        mapping[node.outputs[0]] = build.op(node.op_type, inputs, attrs)
+    output = mapping[index]
+    output.type = None  # inferred by ONNX Runtime
+    graph = ir.Graph([source], [output], nodes=build.nodes, opset_imports={"": 20}, name="buckets")
+    try:
+        session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        dtype = np.dtype(d_value.dtype.numpy())
+        buckets = session.run(None, {"d": (sign * np.arange(-FAR_RANGE, FAR_RANGE + 1)).astype(dtype)})[0]
+    except Exception:  # noqa: BLE001 - the bucket function does not evaluate alone: no promise
+        return None
+    left, right = buckets[:FAR_RANGE][::-1], buckets[FAR_RANGE + 1:]  # d = -1, -2, ... and d = 1, 2, ...
+    changes = [np.flatnonzero(side != side[-1]) for side in (left, right)]
+    w = 1 + max(int(c[-1]) + 1 if c.size else 0 for c in changes)
+    return w if w <= FAR_RANGE // 2 else None
 
 
 # -- ALiBi: a per-key bias linear in the key position ------------------------------------------
