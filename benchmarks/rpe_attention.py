@@ -9,7 +9,10 @@ The FFT side runs with two feature maps: ``favor`` with M = 16 features and ``el
 64); its cost grows with M (M/2 (d+1) complex FFT columns per head). The ``-decay`` rows are
 the same operator with ``decay = 1`` (what the RPE methods set for causal ALiBi), evaluated as
 a chunked decay instead of by FFT (on ONNX Runtime, whose DFT kernel is too slow for the FFT
-path to win, this is what makes ALiBi fast).
+path to win, this is what makes ALiBi fast). The ``t5:`` rows use a non-causal T5 bucketed
+bias instead (32 buckets, max_distance 128): exact, FFT, and ``far_from = 91`` (the band of
+exact weights plus the constant far field, what the RPE methods set for T5), each against
+``t5:exact``.
 
 Exact attention on ONNX Runtime runs head by head (a one-head model per slope, times summed)
 where the 12 heads' n x n tensors would not fit at once; it is skipped (with the reason) where
@@ -48,20 +51,28 @@ from kernelize.ops.base import add_initializer  # noqa: E402
 
 HEADS, HEAD_SIZE = 12, 64
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
-METHODS = {  # name -> (feature map, features or None, decay)
-    "exact": (None, None, 0),
-    "rpe:favor16": ("favor", 16, 0),
-    "rpe:elu": ("elu", None, 0),
-    "rpe:favor16-decay": ("favor", 16, 1),
-    "rpe:elu-decay": ("elu", None, 1),
+METHODS = {  # name -> (feature map, features or None, form, bias); form: fft | decay | far
+    "exact": (None, None, "fft", "alibi"),
+    "rpe:favor16": ("favor", 16, "fft", "alibi"),
+    "rpe:elu": ("elu", None, "fft", "alibi"),
+    "rpe:favor16-decay": ("favor", 16, "decay", "alibi"),
+    "rpe:elu-decay": ("elu", None, "decay", "alibi"),
+    "t5:exact": (None, None, "fft", "t5"),
+    "t5:rpe:favor16": ("favor", 16, "fft", "t5"),
+    "t5:rpe:favor16-far": ("favor", 16, "far", "t5"),
 }
 DESCRIPTIONS = {
-    "exact": "softmax(Q K^T scale + T) V, T = Toeplitz(rel_bias), same operator with exact_below > n",
-    "rpe:favor16": "RPEAttention by FFT, FAVOR+ features M = 16",
-    "rpe:elu": "RPEAttention by FFT, elu + 1 features M = 64",
-    "rpe:favor16-decay": "RPEAttention with decay = 1 (causal ALiBi as a chunked decay), FAVOR+ M = 16",
-    "rpe:elu-decay": "RPEAttention with decay = 1, elu + 1 M = 64",
+    "exact": "causal ALiBi: softmax(Q K^T scale + T) V, T = Toeplitz(rel_bias), same operator with exact_below > n",
+    "rpe:favor16": "causal ALiBi: RPEAttention by FFT, FAVOR+ features M = 16",
+    "rpe:elu": "causal ALiBi: RPEAttention by FFT, elu + 1 features M = 64",
+    "rpe:favor16-decay": "causal ALiBi: RPEAttention with decay = 1 (a chunked decay), FAVOR+ M = 16",
+    "rpe:elu-decay": "causal ALiBi: RPEAttention with decay = 1, elu + 1 M = 64",
+    "t5:exact": "non-causal T5 buckets (32, max_distance 128): exact softmax attention with the bias",
+    "t5:rpe:favor16": "non-causal T5 buckets: RPEAttention by FFT, FAVOR+ M = 16",
+    "t5:rpe:favor16-far": f"non-causal T5 buckets: RPEAttention with far_from = {91} (band + constant far "
+                          "field), FAVOR+ M = 16",
 }
+T5_FAR_FROM = 91  # where T5's 32 bidirectional buckets (max_distance 128) stop changing
 
 
 def alibi(n: int) -> np.ndarray:
@@ -69,17 +80,32 @@ def alibi(n: int) -> np.ndarray:
     return (-slopes[:, None] * np.abs(np.arange(-(n - 1), n))[None, :]).astype(np.float32)
 
 
+def t5(n: int) -> np.ndarray:
+    """T5's bidirectional bucketed bias (Raffel et al. 2020: 16 buckets a side, exact below 8,
+    logarithmic up to max_distance 128, clamped beyond) from a fixed random table."""
+    d = np.arange(-(n - 1), n)
+    distance = np.abs(d)
+    large = 8 + (np.log(np.maximum(distance, 1) / 8) / math.log(128 / 8) * 8).astype(np.int64)
+    buckets = (d > 0) * 16 + np.where(distance < 8, distance, np.minimum(large, 15))
+    table = np.random.default_rng(5).standard_normal((32, HEADS))
+    return table[buckets].T.astype(np.float32)
+
+
+def rel_bias(method: str, n: int) -> np.ndarray:
+    return t5(n) if METHODS[method][3] == "t5" else alibi(n)
+
+
 def one_node(method: str, n: int, heads: int = HEADS):
     """(model, feeds) of one RPEAttention node (exact: exact_below above n) over ``heads`` heads
     (the first ones of the ALiBi slopes; a one-head model gets head h by feeding row h)."""
     op = ops.get("RPEAttention")
-    kind, features, decay = METHODS[method]
+    kind, features, form, source = METHODS[method]
     rng = np.random.default_rng(n)
     q, k, v = (rng.standard_normal((1, heads, n, HEAD_SIZE)).astype(np.float32) for _ in range(3))
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 20}, name="rpe_bench")
     model = ir.Model(graph, ir_version=10)
     feeds, values = {}, []
-    for name, array in (("query", q), ("key", k), ("value", v), ("rel_bias", alibi(n)[:heads])):
+    for name, array in (("query", q), ("key", k), ("value", v), ("rel_bias", rel_bias(method, n)[:heads])):
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
         graph.inputs.append(value)
         feeds[name] = array
@@ -88,8 +114,9 @@ def one_node(method: str, n: int, heads: int = HEADS):
     if kind == "favor":
         weight = add_initializer(graph, ir.Value(name="feature_weight", const_value=ir.tensor(
             fm.favor_weight(HEAD_SIZE, features, heads))))
-    attrs = {"feature_map": kind or "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5,
-             "exact_below": n + 1 if method == "exact" else 0, "decay": decay}
+    attrs = {"feature_map": kind or "elu", "causal": int(source == "alibi"), "scale": HEAD_SIZE ** -0.5,
+             "exact_below": n + 1 if method.endswith("exact") else 0, "decay": int(form == "decay"),
+             "far_from": T5_FAR_FROM if form == "far" else 0}
     node = op.make_node(model, values + [None, weight], attrs, name="attention")
     graph.append(node)
     node.outputs[0].name = "Y"
@@ -116,12 +143,12 @@ def exact_bytes(n: int, backend: str) -> int:
     return 3 * HEADS * n * n * 4
 
 
-def timed_by_head(n: int, repeats: int, threads: int) -> dict:
+def timed_by_head(method: str, n: int, repeats: int, threads: int) -> dict:
     """Exact attention on ONNX Runtime where the 12 heads' n x n tensors do not fit at once:
     a one-head model run for each head's slope (heads are independent), times summed."""
-    model, feeds, _ = one_node("exact", n, heads=1)
+    model, feeds, _ = one_node(method, n, heads=1)
     session = ort_backend.session(model, threads)
-    rel = alibi(n)
+    rel = rel_bias(method, n)
     per_head = []
     for h in range(HEADS):
         head_feeds = {**feeds, "rel_bias": rel[h:h + 1]}
@@ -157,7 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="ort,tvm")
     parser.add_argument("--limit-s", type=float, default=40.0,
                         help="skip a length whose call is estimated (from the previous length) to take longer")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of the existing JSON for other backends/methods")
     args = parser.parse_args(argv)
@@ -180,8 +207,9 @@ def main(argv=None) -> int:
             for n in lengths:
                 row = {"backend": backend, "method": method, "n": n}
                 key = (backend, method)
-                by_head = backend == "ort" and method == "exact" and exact_bytes(n, backend) > 0.3 * available_bytes()
-                if method == "exact" and exact_bytes(n, backend) / (HEADS if by_head else 1) > 0.6 * available_bytes():
+                exact = method.endswith("exact")
+                by_head = backend == "ort" and exact and exact_bytes(n, backend) > 0.3 * available_bytes()
+                if exact and exact_bytes(n, backend) / (HEADS if by_head else 1) > 0.6 * available_bytes():
                     row["skipped"] = (f"n x n scores need about {exact_bytes(n, backend) / 2**30:.1f} GiB, "
                                       f"{available_bytes() / 2**30:.1f} GiB available")
                     rows.append(row)
@@ -189,7 +217,7 @@ def main(argv=None) -> int:
                     continue
                 if key in last_ms:
                     prev_n, prev_ms = last_ms[key]
-                    scale = (n * n) / (prev_n * prev_n) if method == "exact" else \
+                    scale = (n * n) / (prev_n * prev_n) if exact else \
                         (n * math.log2(n)) / (prev_n * math.log2(prev_n))
                     if prev_ms * scale / 1e3 > args.limit_s:
                         row["skipped"] = f"estimated {prev_ms * scale / 1e3:.0f} s per call > --limit-s"
@@ -200,7 +228,7 @@ def main(argv=None) -> int:
                 repeats = 5 if n <= 2048 else 3 if n <= 8192 else 2
                 try:
                     if by_head:
-                        row.update(timed_by_head(n, repeats, args.threads))
+                        row.update(timed_by_head(method, n, repeats, args.threads))
                         last_ms[key] = (n, row["median_ms"])
                         rows.append(row)
                         print(row, flush=True)
@@ -244,14 +272,15 @@ def main(argv=None) -> int:
     for backend in backends:
         times = {r["method"]: r for r in rows if r["backend"] == backend and r.get("n") == 8192 and r.get("median_ms")}
         for method in METHODS:
-            if method == "exact":
+            if method.endswith("exact"):
                 continue
             series = [r for r in rows if r["backend"] == backend and r["method"] == method and r.get("median_ms")]
             if not series:
                 continue
             entry = {"exponent_vs_n_log_n": fitted_exponent(series)}
-            if "exact" in times and method in times:
-                entry["speedup_at_8192"] = times["exact"]["median_ms"] / times[method]["median_ms"]
+            baseline = "t5:exact" if METHODS[method][3] == "t5" else "exact"
+            if baseline in times and method in times:
+                entry["speedup_at_8192"] = times[baseline]["median_ms"] / times[method]["median_ms"]
                 entry["meets_5x"] = entry["speedup_at_8192"] >= 5.0
             summary[f"{backend}/{method}"] = entry
     result["summary"] = summary
