@@ -9,7 +9,10 @@ term is Toeplitz and the rest is a mask:
   bucket index is an elementwise function of ``D = Unsqueeze(r, 0) - Unsqueeze(r, 1)``,
   ``r = Range(0, n, 1)``. The vector is that same function applied to the offsets
   ``-(n - 1) .. n - 1``, gathered from the table: new nodes, valid at any n (T5's buckets
-  clamp at ``max_distance``, so no length is out of range).
+  clamp at ``max_distance``, so no length is out of range). The bucket function is also
+  evaluated (like a constant fold, with ONNX Runtime) on every offset |d| <= ``FAR_RANGE``:
+  where it stops changing beyond some w, ``info["far_from"] = w`` (91 for T5's 32
+  bidirectional buckets), which lets ``RPEAttention`` use its far-field form.
 * ``alibi``: a per-key bias sliced from a constant ``[H, 1, L]`` table (MPT) whose rows are
   linear in the key position, ``a[h, j] = m_h j + b_h``. Softmax ignores a constant per query
   row, so it equals the Toeplitz ``c[h, d] = m_h d``; the vector is ``m_h * Range(-(n-1), n)``,
