@@ -491,7 +491,7 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
 
     def neighbourhood(x):  # [B, H, A, b, X] -> [B, H, A, 3b, X]: chunks a - 1, a, a + 1 (zeros past the ends)
         padded = tape.op("Pad", [x, _i64(tape, [0, 0, 1, 0, 0, 0, 0, 1, 0, 0])])
-        count = tape.op("Shape", [x], {"start": 2, "end": 3})
+        count = _chunk_count(tape, x)
         parts = [tape.op("Slice", [padded, _i64(tape, [s]), tape.op("Add", [count, _i64(tape, [s])]), _i64(tape, [2])])
                  for s in range(3)]
         return tape.op("Concat", parts, {"axis": 3})
@@ -505,13 +505,13 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
     # sum over chunks <= a - 2: exclusive prefix sums moved one chunk on (zeros in front)
     before = tape.op("CumSum", [states, const(tape, 2, np.int64)], {"exclusive": 1})
     before = tape.op("Slice", [tape.op("Pad", [before, _i64(tape, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0])]),
-                               _i64(tape, [0]), count_of(tape, states), _i64(tape, [2])])
+                               _i64(tape, [0]), _chunk_count(tape, states), _i64(tape, [2])])
     scale_left = tape.op("Reshape", [far_left, _i64(tape, [1, -1, 1, 1, 1])])
     far = tape.op("Mul", [before, scale_left])
     if not causal:
         after = tape.op("CumSum", [states, const(tape, 2, np.int64)], {"exclusive": 1, "reverse": 1})
         after = tape.op("Slice", [tape.op("Pad", [after, _i64(tape, [0, 0, 0, 0, 0, 0, 0, 1, 0, 0])]),
-                                  _i64(tape, [1]), tape.op("Add", [count_of(tape, states), _i64(tape, [1])]),
+                                  _i64(tape, [1]), tape.op("Add", [_chunk_count(tape, states), _i64(tape, [1])]),
                                   _i64(tape, [2])])
         far = tape.op("Add", [far, tape.op("Mul", [after, tape.op("Reshape", [far_right, _i64(tape, [1, -1, 1, 1, 1])])])])
     acc = tape.op("Add", [acc, tape.op("MatMul", [q, far])])
@@ -521,7 +521,7 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
     return _emit_ratio(tape, acc)
 
 
-def count_of(tape, x):
+def _chunk_count(tape, x):
     """The chunk count A of [B, H, A, ...] as a [1] int64 tensor."""
     return tape.op("Shape", [x], {"start": 2, "end": 3})
 
