@@ -271,3 +271,44 @@ def test_lut_refused_at_one_site_only_leaves_that_site_dense(bert):
     assert pooler["chosen"] is None
     assert "LUT needs at least" in pooler["candidates"][0]["reason"]
     assert sum(s["chosen"] == "projection:lut" for s in section["sites"]) == len(section["sites"]) - 1
+
+
+def test_edge_recipe_selects_projections_under_the_budget(bert):
+    """``--recipe edge``: per projection the rewrite that saves the most weight bytes within the
+    budget; a budget too small for every site leaves the rest dense with the reason; a budget
+    nothing fits leaves all dense. The report lists each projection's choice, error and bytes."""
+    calib, cache = _calib(n=8, seq=24), {}
+    sections = {}
+    for budget in (0.05, 0.002, 1e-7):
+        result = kernelize.optimize(bert, recipe="edge", calib=calib, max_error=budget, measure_latency=False,
+                                    calibration_cache=cache)
+        sections[budget] = section = result.report["approximate"]
+        assert section["held_out_error"] <= budget
+        assert all(s["kind"] == "projection" for s in section["sites"])
+        for site in section["sites"]:
+            fitted = [c for c in site["candidates"] if c.get("weight_bytes")]
+            assert fitted and all(c["weight_bytes"] * 4 <= c["dense_weight_bytes"] for c in fitted
+                                  if c["method"] == "projection:shiftadd")
+            if site["chosen"]:
+                assert site["chosen"] in ("projection:shiftadd", "projection:lut")
+                assert site["end_to_end_error"] <= budget
+            else:
+                assert "budget" in site["why_exact"] or "back-off" in site["why_exact"]
+        ops = [n.op_type for n in result.model.graph if n.domain == "kernelize"]
+        assert ops.count("ShiftAddLinear") + ops.count("LUTLinear") == len(section["chosen"])
+    counts = {budget: len(section["chosen"]) for budget, section in sections.items()}
+    total = len(sections[0.05]["sites"])
+    assert counts[0.05] == total and 0 < counts[0.002] < total and counts[1e-7] == 0, counts
+
+
+def test_projection_with_a_weight_that_is_not_constant_is_left_dense():
+    import onnx
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4, 8])
+    w = onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 8])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x, w], [y])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]))
+    sites, misses = approximate.find(model, kinds=("projection",))
+    assert not sites
+    assert [m.reason for m in misses] == ["projection weight is not a constant: left dense"]

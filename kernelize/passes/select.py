@@ -171,6 +171,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                 c.fitted.attrs["exact_below"], c.fitted.info["speedup_by_length"] = \
                     _crossover(s, captured[s.id], c.fitted, calib.seq)
 
+    left = budget - sum((c.error or 0.0) for c in chosen.values())  # after the chosen rewrites
     for s in sites:
         entry = s.describe()
         entry["candidates"] = [c.describe() for c in all_candidates[s.id]]
@@ -181,7 +182,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                          estimated_speedup=pick.estimated_speedup, measured_speedup=pick.measured_speedup,
                          exact_below=pick.fitted.attrs.get("exact_below"))
         else:
-            entry["why_exact"] = _why_exact(all_candidates[s.id], budget, forced, select)
+            entry["why_exact"] = _why_exact(all_candidates[s.id], budget, forced, select, left, backed_off)
         section["sites"].append(entry)
     section.update(chosen={k: c.method for k, c in chosen.items()}, backed_off=backed_off,
                    estimated_error=sum((c.error or 0.0) for c in chosen.values()),
@@ -249,7 +250,7 @@ def _crossover(s, captured, fitted, seq: int | None) -> tuple[int, dict]:
     return int(exact_below), speed
 
 
-def _why_exact(cands, budget, forced, select) -> str:
+def _why_exact(cands, budget, forced, select, left, backed_off) -> str:
     if not select:
         return "inspection only"
     fitted = [c for c in cands if c.fitted is not None]
@@ -259,4 +260,7 @@ def _why_exact(cands, budget, forced, select) -> str:
     if not errors:
         return "no candidate is worth an end-to-end run: " + "; ".join(
             f"{c.method}: {c.reason}" for c in fitted if c.reason)
-    return f"smallest end-to-end error {min(errors):.3g} exceeds what is left of the budget {budget:g}"
+    if any(b["site"] == c.site for b in backed_off for c in fitted):
+        return "dropped: the chosen rewrites together exceeded the budget on held-out samples (back-off)"
+    return (f"smallest end-to-end error {min(errors):.3g} exceeds what the other sites leave of the budget "
+            f"({max(left, 0.0):.3g} of {budget:g})")
