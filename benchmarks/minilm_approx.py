@@ -171,12 +171,14 @@ def run_case(model_bytes: bytes, exact_model, recipe: str, seq: int, args) -> di
             "error_table": rows, "budgets": budgets, "inspect_s": inspect_s, "threads": args.threads}
 
 
+def constant_bytes(model) -> int:
+    """Bytes of a model's constant tensors."""
+    return int(sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None))
+
+
 def _weight_bytes(exact_model, model) -> dict:
     """Bytes of the constant tensors of both models."""
-    def total(m):
-        return int(sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value is not None))
-
-    return {"exact": total(exact_model), "rewritten": total(model)}
+    return {"exact": constant_bytes(exact_model), "rewritten": constant_bytes(model)}
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
@@ -38,30 +37,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import kernelize  # noqa: E402
+from kernelize.backends import ort as ort_backend  # noqa: E402
 from kernelize.deploy import runner as runner_mod  # noqa: E402
 from kernelize.frontends import torch as torch_frontend  # noqa: E402
-from kernelize.models import corpus, minilm  # noqa: E402
-
-
-def inputs(split: str, seq: int, limit: int) -> dict[str, np.ndarray]:
-    """Passages a little longer than ``seq`` tokens (as in minilm_approx.py): every sample is full."""
-    ids, mask = minilm.tokenize(corpus.passages(split, words=int(seq * 0.7), limit=limit), seq)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def constant_bytes(model) -> int:
-    return int(sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None))
+from kernelize.models import minilm  # noqa: E402
+from minilm_approx import constant_bytes, text_inputs  # noqa: E402
 
 
 def embedding(outputs: dict, mask: np.ndarray) -> np.ndarray:
     """The sentence embedding from the first output (the token states)."""
     return minilm.mean_pool(next(iter(outputs.values())), mask)
-
-
-def options_one_thread():
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return options
 
 
 def main() -> None:
@@ -78,15 +63,15 @@ def main() -> None:
     module, example = minilm.build(batch=2, seq=16)
     model_bytes = ir.to_proto(torch_frontend.capture(module, example)).SerializeToString()
     shape = {"batch": 1, "seq": args.seq}
-    calib = inputs("calibration", args.seq, args.calib_samples)
-    feeds = {k: v[:1] for k, v in inputs("held_out", args.seq, 1).items()}
+    calib = text_inputs("calibration", args.seq, args.calib_samples)
+    feeds = {k: v[:1] for k, v in text_inputs("held_out", args.seq, 1).items()}
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         # the captured model as it is, no kernelize pass at all
-        session = ort.InferenceSession(model_bytes, options_one_thread(), providers=["CPUExecutionProvider"])
-        output_names = [o.name for o in session.get_outputs()]
-        runners = {"ort_original": lambda f: dict(zip(output_names, session.run(None, f)))}
-        results["ort_original"] = {"constant_bytes": constant_bytes(ir.from_proto(onnx.load_from_string(model_bytes)))}
+        original = ir.from_proto(onnx.load_from_string(model_bytes))
+        session = ort_backend.session(original, 1)
+        runners = {"ort_original": lambda f: ort_backend.run(session, f)}
+        results["ort_original"] = {"constant_bytes": constant_bytes(original)}
         for name, rewrites in (("tvm_exact", None), ("tvm_shiftadd", ["projection=shiftadd"])):
             t = time.perf_counter()
             result = kernelize.optimize(model_bytes, backend="tvm", shape=shape, rewrites=rewrites,

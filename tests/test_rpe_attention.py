@@ -92,6 +92,16 @@ def run_onnx(args, attrs, consts):
     return run(model, feeds)[0]
 
 
+def run_tvm(args, attrs, consts=()):
+    """(output, the built module's kernels -> schedule rule) of the one-node model on TVM CPU."""
+    pytest.importorskip("tvm")
+    from kernelize.backends import tvm as tvm_backend
+
+    model, feeds, _ = build(OP, args, attrs, set(consts))
+    built = tvm_backend.build(model, "cpu")
+    return built.run(feeds)[0], built.schedules
+
+
 # -- the reference itself ------------------------------------------------------------------------
 def direct(q, k, v, rel, mask, causal, feature_map, weight=None, fbias=None, scale=None):
     """The defining formula, one query row at a time (independent of the vectorized reference)."""
@@ -281,14 +291,10 @@ def test_far_field_form_refuses_a_bias_that_keeps_changing():
 
 @pytest.mark.parametrize("kw", FAR_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_tvm_far_field_form_matches_direct_computation(kw):
-    pytest.importorskip("tvm")
-    from kernelize.backends import tvm as tvm_backend
-
     args, attrs, consts = far_case(**kw)
-    model, feeds, _ = build(OP, args, attrs, consts)
-    built = tvm_backend.build(model, "cpu")
-    assert_close(built.run(feeds)[0], expected(args, attrs), what="TVM far-field form")
-    assert "rpe_far_factors" in built.schedules and "rpe_fft_attention" not in built.schedules
+    output, kernels = run_tvm(args, attrs, consts)
+    assert_close(output, expected(args, attrs), what="TVM far-field form")
+    assert "rpe_far_factors" in kernels and "rpe_fft_attention" not in kernels
 
 
 # -- TVM (TIR FFT kernel) ------------------------------------------------------------------------
@@ -309,45 +315,31 @@ TVM_CASES = [
 
 @pytest.mark.parametrize("kw", TVM_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_tvm_matches_direct_computation(kw):
-    pytest.importorskip("tvm")
-    from kernelize.backends import tvm as tvm_backend
-
     args, attrs, consts = case(**kw)
-    model, feeds, _ = build(OP, args, attrs, consts)
-    built = tvm_backend.build(model, "cpu")
-    assert_close(built.run(feeds)[0], expected(args, attrs), what="TVM")
+    output, kernels = run_tvm(args, attrs, consts)
+    assert_close(output, expected(args, attrs), what="TVM")
     if not kw.get("exact_below"):
-        assert "rpe_fft_attention" in built.schedules  # the hand-written kernel, not an exact fallback
+        assert "rpe_fft_attention" in kernels  # the hand-written kernel, not an exact fallback
 
 
 def test_tvm_long_alibi_is_stable():
-    pytest.importorskip("tvm")
-    from kernelize.backends import tvm as tvm_backend
-
     n = 1000
     rng = rng_for("tvm-long")
     q, k, v = (rng.standard_normal((1, 2, n, HEAD_SIZE)).astype(np.float32) for _ in range(3))
     args = [("query", q), ("key", k), ("value", v), ("rel_bias", alibi(n, 2, slopes=[0.5, 1 / 256]))]
     attrs = {"feature_map": "elu", "causal": 1, "scale": HEAD_SIZE ** -0.5, "exact_below": 0}
-    model, feeds, _ = build(OP, args, attrs)
-    assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs), what="TVM long ALiBi")
+    assert_close(run_tvm(args, attrs)[0], expected(args, attrs), what="TVM long ALiBi")
     # MPT's form c = m d (peak at a masked offset), by FFT and as a decay
     args[3] = ("rel_bias", increasing_alibi(n, [0.5, 1 / 256]))
     for decay in (0, 1):
         attrs["decay"] = decay
-        model, feeds, _ = build(OP, args, attrs)
-        assert_close(tvm_backend.build(model, "cpu").run(feeds)[0], expected(args, attrs),
-                     what=f"TVM c = m d, decay={decay}")
+        assert_close(run_tvm(args, attrs)[0], expected(args, attrs), what=f"TVM c = m d, decay={decay}")
 
 
 @pytest.mark.parametrize("kw", DECAY_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_tvm_decay_form_matches_direct_computation(kw):
-    pytest.importorskip("tvm")
-    from kernelize.backends import tvm as tvm_backend
-
     args, attrs, consts = case(**kw, causal=1)
     attrs["decay"] = 1
-    model, feeds, _ = build(OP, args, attrs, consts)
-    built = tvm_backend.build(model, "cpu")
-    assert_close(built.run(feeds)[0], expected(args, attrs), what="TVM decay form")
-    assert "rpe_decay_factors" in built.schedules and "rpe_fft_attention" not in built.schedules
+    output, kernels = run_tvm(args, attrs, consts)
+    assert_close(output, expected(args, attrs), what="TVM decay form")
+    assert "rpe_decay_factors" in kernels and "rpe_fft_attention" not in kernels

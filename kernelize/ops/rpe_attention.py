@@ -398,32 +398,21 @@ def _emit_decay(tape, phi_q, phi_k, value_1, n, rel_bias, causal):
     before = tape.op("Max", [tape.op("Sub", [index, const(tape, 2, np.int64)]), const(tape, 0, np.int64)])
     slope = tape.op("Sub", [tape.op("Gather", [rel_bias, last], {"axis": 1}),
                             tape.op("Gather", [rel_bias, before], {"axis": 1})])  # [H]
-    slope = tape.op("Unsqueeze", [slope, _i64(tape, [1])])  # [H, 1]
     positions = tape.op("Cast", [tape.op("Range", [const(tape, 0, np.int64), const(tape, b, np.int64),
                                                    const(tape, 1, np.int64)])], {"to": 1})  # [b]
     distance = tape.op("Sub", [tape.op("Unsqueeze", [positions, _i64(tape, [1])]),
                                tape.op("Unsqueeze", [positions, _i64(tape, [0])])])  # [b, b]: i' - j'
 
-    def decay(x):  # exp(-m x) for x >= 0, [H, ...]
-        m = tape.op("Reshape", [slope, tape.op("Concat", [_i64(tape, [-1]), tape.op(
-            "ConstantOfShape", [tape.op("Shape", [tape.op("Shape", [x])])], {"value": ir.tensor(np.ones(1, np.int64))})],
-            {"axis": 0})])
+    def decay(x, rank):  # exp(-m x) for x >= 0 of ``rank`` dimensions -> [H, *x.shape]
+        m = tape.op("Reshape", [slope, _i64(tape, [-1] + [1] * rank)])
         return tape.op("Exp", [tape.op("Neg", [tape.op("Mul", [m, x])])])
 
     inside = tape.op("Where", [tape.op("GreaterOrEqual", [distance, const(tape, 0.0)]),
-                               decay(tape.op("Relu", [distance])), const(tape, 0.0)])  # [H, b, b]
-    query_decay = tape.op("Unsqueeze", [decay(positions), _i64(tape, [-1])])  # [H, b, 1]: r
-    key_decay = tape.op("Unsqueeze", [decay(tape.op("Sub", [const(tape, float(b)), positions])), _i64(tape, [-1])])
+                               decay(tape.op("Relu", [distance]), 2), const(tape, 0.0)])  # [H, b, b]
+    query_decay = tape.op("Unsqueeze", [decay(positions, 1), _i64(tape, [-1])])  # [H, b, 1]: r
+    key_decay = tape.op("Unsqueeze", [decay(tape.op("Sub", [const(tape, float(b)), positions]), 1), _i64(tape, [-1])])
 
-    chunks = tape.op("Div", [tape.op("Add", [n, _i64(tape, [b - 1])]), _i64(tape, [b])])  # [1]: A
-    pad = tape.op("Sub", [tape.op("Mul", [chunks, _i64(tape, [b])]), n])
-    pads = tape.op("Concat", [_i64(tape, [0] * 6), pad, _i64(tape, [0])], {"axis": 0})
-
-    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
-        shape = tape.op("Concat", [_i64(tape, [0, 0, -1, b]), tape.op("Shape", [x], {"start": -1})], {"axis": 0})
-        return tape.op("Reshape", [tape.op("Pad", [x, pads]), shape])
-
-    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    q, k, v = _emit_blocks(tape, [phi_q, phi_k, value_1], n, b)
     swap_last = [0, 1, 2, 4, 3]
     scores = tape.op("Mul", [tape.op("MatMul", [q, tape.op("Transpose", [k], {"perm": swap_last})]),
                              tape.op("Unsqueeze", [inside, _i64(tape, [0, 2])])])  # [B, H, A, b, b]
@@ -432,22 +421,18 @@ def _emit_decay(tape, phi_q, phi_k, value_1, n, rel_bias, causal):
         key_decay, _i64(tape, [0, 2])])])], {"perm": swap_last}), v])  # [B, H, A, M, E]: P
     flat = _i64(tape, [0, 0, 0, -1])
     chunk_index = tape.op("Cast", [tape.op("Range", [const(tape, 0, np.int64), tape.op("Squeeze", [
-        chunks, _i64(tape, [0])]), const(tape, 1, np.int64)])], {"to": 1})  # [A]
+        _chunk_count(tape, q), _i64(tape, [0])]), const(tape, 1, np.int64)])], {"to": 1})  # [A]
     gap = tape.op("Sub", [tape.op("Sub", [tape.op("Unsqueeze", [chunk_index, _i64(tape, [1])]),
                                           tape.op("Unsqueeze", [chunk_index, _i64(tape, [0])])]),
                           const(tape, 1.0)])  # [A, A]: a - a' - 1
     across = tape.op("Where", [tape.op("GreaterOrEqual", [gap, const(tape, 0.0)]),
-                               decay(tape.op("Mul", [tape.op("Relu", [gap]), const(tape, float(b))])),
+                               decay(tape.op("Mul", [tape.op("Relu", [gap]), const(tape, float(b))]), 2),
                                const(tape, 0.0)])  # [H, A, A]: L
     carried = tape.op("MatMul", [tape.op("Unsqueeze", [across, _i64(tape, [0])]),
                                  tape.op("Reshape", [states, flat])])  # [B, H, A, M E]: S
     carried = tape.op("Reshape", [carried, tape.op("Shape", [states])])
     read = tape.op("Mul", [q, tape.op("Unsqueeze", [query_decay, _i64(tape, [0, 2])])])
-    acc = tape.op("Add", [acc, tape.op("MatMul", [read, carried])])  # [B, H, A, b, E]
-    acc = tape.op("Reshape", [acc, tape.op("Concat", [_i64(tape, [0, 0, -1]), tape.op("Shape", [acc], {"start": -1})],
-                                           {"axis": 0})])
-    acc = tape.op("Slice", [acc, _i64(tape, [0]), n, _i64(tape, [2])])  # [B, H, n, E]
-    return _emit_ratio(tape, acc)
+    return _emit_chunked_ratio(tape, tape.op("Add", [acc, tape.op("MatMul", [read, carried])]), n)
 
 
 def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
@@ -481,14 +466,6 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
     far_right = tape.op("Exp", [tape.op("Sub", [tape.op("Slice", [rel_bias, _i64(tape, [-1]), _i64(tape, [2 ** 62]),
                                                                   _i64(tape, [1])]), peak])])
 
-    chunks = tape.op("Div", [tape.op("Add", [n, _i64(tape, [b - 1])]), _i64(tape, [b])])
-    pad = tape.op("Sub", [tape.op("Mul", [chunks, _i64(tape, [b])]), n])
-    pads = tape.op("Concat", [_i64(tape, [0] * 6), pad, _i64(tape, [0])], {"axis": 0})
-
-    def blocks(x):  # [B, H, n, X] -> [B, H, A, b, X], zero-padded
-        shape = tape.op("Concat", [_i64(tape, [0, 0, -1, b]), tape.op("Shape", [x], {"start": -1})], {"axis": 0})
-        return tape.op("Reshape", [tape.op("Pad", [x, pads]), shape])
-
     def neighbourhood(x):  # [B, H, A, b, X] -> [B, H, A, 3b, X]: chunks a - 1, a, a + 1 (zeros past the ends)
         padded = tape.op("Pad", [x, _i64(tape, [0, 0, 1, 0, 0, 0, 0, 1, 0, 0])])
         count = _chunk_count(tape, x)
@@ -496,7 +473,7 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
                  for s in range(3)]
         return tape.op("Concat", parts, {"axis": 3})
 
-    q, k, v = blocks(phi_q), blocks(phi_k), blocks(value_1)
+    q, k, v = _emit_blocks(tape, [phi_q, phi_k, value_1], n, b)
     swap_last = [0, 1, 2, 4, 3]
     scores = tape.op("MatMul", [q, tape.op("Transpose", [neighbourhood(k)], {"perm": swap_last})])  # [B, H, A, b, 3b]
     scores = tape.op("Mul", [scores, tape.op("Unsqueeze", [near, _i64(tape, [0, 2])])])
@@ -514,16 +491,30 @@ def _emit_far_field(tape, phi_q, phi_k, value_1, n, rel_bias, causal, far_from):
                                   _i64(tape, [1]), tape.op("Add", [_chunk_count(tape, states), _i64(tape, [1])]),
                                   _i64(tape, [2])])
         far = tape.op("Add", [far, tape.op("Mul", [after, tape.op("Reshape", [far_right, _i64(tape, [1, -1, 1, 1, 1])])])])
-    acc = tape.op("Add", [acc, tape.op("MatMul", [q, far])])
-    acc = tape.op("Reshape", [acc, tape.op("Concat", [_i64(tape, [0, 0, -1]), tape.op("Shape", [acc], {"start": -1})],
-                                           {"axis": 0})])
-    acc = tape.op("Slice", [acc, _i64(tape, [0]), n, _i64(tape, [2])])  # [B, H, n, E]
-    return _emit_ratio(tape, acc)
+    return _emit_chunked_ratio(tape, tape.op("Add", [acc, tape.op("MatMul", [q, far])]), n)
 
 
 def _chunk_count(tape, x):
     """The chunk count A of [B, H, A, ...] as a [1] int64 tensor."""
     return tape.op("Shape", [x], {"start": 2, "end": 3})
+
+
+def _emit_blocks(tape, xs, n, b: int):
+    """Each [B, H, n, X] of ``xs`` as [B, H, A, b, X], zero-padded to A = ceil(n / b) chunks."""
+    chunks = tape.op("Div", [tape.op("Add", [n, _i64(tape, [b - 1])]), _i64(tape, [b])])
+    pad = tape.op("Sub", [tape.op("Mul", [chunks, _i64(tape, [b])]), n])
+    pads = tape.op("Concat", [_i64(tape, [0] * 6), pad, _i64(tape, [0])], {"axis": 0})
+    blocked = []
+    for x in xs:
+        shape = tape.op("Concat", [_i64(tape, [0, 0, -1, b]), tape.op("Shape", [x], {"start": -1})], {"axis": 0})
+        blocked.append(tape.op("Reshape", [tape.op("Pad", [x, pads]), shape]))
+    return blocked
+
+
+def _emit_chunked_ratio(tape, acc, n):
+    """:func:`_emit_ratio` of chunked accumulators [B, H, A, b, E] over the first n positions."""
+    shape = tape.op("Concat", [_i64(tape, [0, 0, -1]), tape.op("Shape", [acc], {"start": -1})], {"axis": 0})
+    return _emit_ratio(tape, tape.op("Slice", [tape.op("Reshape", [acc, shape]), _i64(tape, [0]), n, _i64(tape, [2])]))
 
 
 # -- TVM helpers ---------------------------------------------------------------------------
