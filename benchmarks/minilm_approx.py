@@ -64,11 +64,13 @@ def text_inputs(split: str, seq: int, limit: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def embeddings(model, feeds: dict, threads: int) -> np.ndarray:
+def embeddings(model, feeds: dict, threads: int, batch_size: int = 8) -> np.ndarray:
+    """Sentence embeddings of ``feeds``, ``batch_size`` passages per call (1 for models whose
+    dynamic activation quantization takes its range from the whole call)."""
     sess = ort_backend.session(model, threads=threads)
     out = []
-    for start in range(0, len(feeds["input_ids"]), 8):
-        batch = {k: v[start:start + 8] for k, v in feeds.items()}
+    for start in range(0, len(feeds["input_ids"]), batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in feeds.items()}
         hidden = sess.run(None, batch)[0]
         out.append(minilm.mean_pool(hidden, batch["attention_mask"]))
     return np.concatenate(out)

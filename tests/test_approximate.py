@@ -29,8 +29,11 @@ TEST_METHODS = ["test:drift", "test:never"]
 
 @pytest.fixture(autouse=True)
 def fixed_speed(monkeypatch):
-    """The test method runs the exact kernel, so its measured speed says nothing: 2x."""
-    monkeypatch.setattr(approximate, "measure_speedup", lambda *a, **k: 2.0)
+    """The test method runs the exact kernel, so its measured speed says nothing: 2x at the
+    site (2 ms -> 1 ms) and end to end."""
+    monkeypatch.setattr(approximate, "measure_times", lambda *a, **k: (2.0, 1.0))
+    monkeypatch.setattr(select, "_compare_latency",
+                        lambda *a, **k: {"speedup": 2.0, "note": "fixed by the test"})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,7 +133,7 @@ def test_budget_too_small_leaves_every_site_exact(bert):
 def test_back_off_when_combined_error_exceeds_budget(bert, monkeypatch):
     # an optimistic estimate (every fitted candidate chosen) must be caught by the held-out
     # verification and backed off until the measured error fits
-    def choose_all(sites, candidates, budget, forced):
+    def choose_all(sites, candidates, budget, forced, goal):
         return {s.id: c for s in sites for c in candidates[s.id] if c.fitted is not None}
 
     monkeypatch.setattr(select, "_choose", choose_all)
@@ -312,3 +315,36 @@ def test_projection_with_a_weight_that_is_not_constant_is_left_dense():
     sites, misses = approximate.find(model, kinds=("projection",))
     assert not sites
     assert [m.reason for m in misses] == ["projection weight is not a constant: left dense"]
+
+
+def test_int8_projections_through_the_pipeline(bert):
+    """``--rewrite projection=int8`` without a budget: every projection becomes an Int8Linear
+    with its measured error, and the result (lowered for ONNX Runtime) runs each on the
+    integer kernel."""
+    result = kernelize.optimize(bert, calib=_calib(n=8, seq=24), rewrites=["projection=int8"], measure_latency=False)
+    section = result.report["approximate"]
+    sites = section["sites"]
+    assert sites and all(s["chosen"] == "projection:int8" for s in sites)
+    assert 0 < section["held_out_error"] < 0.05
+    assert all(0 < s["end_to_end_error"] < 0.05 for s in sites)
+    assert section["weight_bytes_saved"] > 0
+    kernels = [n.op_type for n in result.model.graph]
+    assert kernels.count("DynamicQuantizeMatMul") == len(sites) and "MatMul" not in kernels, kernels
+
+
+def test_int8_under_a_budget_and_tvm_fallback(bert):
+    """Under a budget the int8 projections are admitted while the measured error fits; for a
+    TVM CPU target without int8 dot products nothing is rewritten and the report says why."""
+    calib, cache = _calib(n=8, seq=24), {}
+    result = kernelize.optimize(bert, calib=calib, rewrites=["projection=int8"], max_error=0.01,
+                                measure_latency=False, calibration_cache=cache)
+    section = result.report["approximate"]
+    assert section["held_out_error"] <= 0.01
+    assert section["chosen"], "no int8 projection fits a 1% budget"
+    model = ir.from_proto(bert)
+    canonicalize(model)
+    _, tvm_section = select.approximate_model(
+        model, "fast", calib=calib, rewrites={"projection": ["projection:int8"]}, max_error=0.01,
+        backend="tvm", target='{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver2"}')
+    assert not tvm_section["chosen"]
+    assert any("no int8 dot-product instructions" in note for note in tvm_section["notes"])

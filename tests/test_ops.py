@@ -488,4 +488,5 @@ COVERED = {
     "RPEAttention": "test_rpe_attention.py",
     "ShiftAddLinear": "test_projections.py",
     "LUTLinear": "test_projections.py",
+    "Int8Linear": "test_int8.py",
 }

@@ -92,6 +92,28 @@ def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int =
             "p90_ms": times[(9 * len(times)) // 10], "runs": runs}
 
 
+def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, warmup: int = 2) -> list[dict]:
+    """Latency of several sessions on the same feeds, timed in interleaved rounds (the order
+    rotates each round, so load on the machine spreads over all): median, p10, p90 each."""
+    names = [[s.get_outputs()[0].name] for s in sessions]
+    for _ in range(warmup):
+        for sess, out in zip(sessions, names):
+            sess.run(out, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        for k in range(len(sessions)):
+            i = (k + r) % len(sessions)
+            start = time.perf_counter()
+            sessions[i].run(names[i], feeds)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    result = []
+    for t in times:
+        t.sort()
+        result.append({"median_ms": float(np.median(t)), "p10_ms": t[len(t) // 10],
+                       "p90_ms": t[(9 * len(t)) // 10], "runs": rounds})
+    return result
+
+
 def save_ort_format(model_bytes: bytes, path) -> None:
     """Write ONNX Runtime's flatbuffer format (``.ort``, for mobile and edge builds of ONNX
     Runtime) with the graph optimizations applied."""

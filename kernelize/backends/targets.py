@@ -103,6 +103,20 @@ def _from_json(text: str) -> Preset:
     raise UsageError(f"unsupported target kind {kind!r} (choose from: {choices_line()})")
 
 
+INT8_DOT_PRODUCT = ("avx512vnni", "avxvnni", "dotprod")  # LLVM feature names: x86 VNNI, aarch64 SDOT/UDOT
+
+
+def int8_dot_product(preset: Preset) -> str | None:
+    """The int8 dot-product instruction set ``preset``'s CPU has (an LLVM feature name from
+    ``INT8_DOT_PRODUCT``), or None (GPU targets: None; their int8 paths are not kernelize's)."""
+    if preset.kind != "cpu":
+        return None
+    from tvm.target import codegen
+
+    target = preset.target()
+    return next((f for f in INT8_DOT_PRODUCT if codegen.target_has_features(f, target)), None)
+
+
 def linker(preset: Preset) -> str | None:
     """The cross linker ``preset`` needs to export a .so, checked to be installed; None when
     the host compiler does. Raises KernelizeError with the install hint when it is missing."""

@@ -62,6 +62,7 @@ class Candidate:
     error: float | None = None  # end-to-end error with only this rewrite (fitting half, metric)
     estimated_speedup: float | None = None  # exact cost / approximate cost (multiply-adds)
     measured_speedup: float | None = None  # this operator alone vs the exact one, ONNX Runtime
+    saved_ms: float | None = None  # exact ms - approximate ms of that measurement (batch 1)
     fit_s: float = 0.0
     refused: str | None = None  # the method refused the calibration data (too little of it)
 
@@ -73,7 +74,7 @@ class Candidate:
             return entry
         entry.update(status=self.reason or "fitted", site_error=self.site_error, site_max_abs=self.site_max_abs,
                      end_to_end_error=self.error, estimated_speedup=self.estimated_speedup,
-                     measured_speedup=self.measured_speedup, fit_s=round(self.fit_s, 3),
+                     measured_speedup=self.measured_speedup, saved_ms=self.saved_ms, fit_s=round(self.fit_s, 3),
                      attrs=self.fitted.attrs, **self.fitted.info)
         return entry
 
@@ -235,7 +236,7 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
                 names += [v.name for v in (s.toeplitz.rel_bias, s.toeplitz.mask) if v is not None]
         else:
             names.append(site.inputs[0].name)
-    _name_values(model)
+    name_values(model)
     names = list(dict.fromkeys(names))
     values = calibrate.run(model, calib, names=names)
     mask = calib.token_mask()
@@ -257,15 +258,25 @@ def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.Calibrati
                     causal=bool(s.toeplitz.causal) or entry.causal, rel_linear=s.toeplitz.source == "alibi",
                     rel_far_from=int(s.toeplitz.info.get("far_from", 0)))
         else:
-            x = values[site.inputs[0].name]
-            if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1])
-            if len(x) > MAX_PROJECTION_TOKENS:
-                x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_PROJECTION_TOKENS, replace=False))]
+            x, rows = projection_tokens(values[site.inputs[0].name], mask)
             captured[s.id] = CapturedProjection(x, const_array(site.inputs[1]),
-                                                const_array(site.inputs[2]) if site.inputs[2] is not None else None)
+                                                const_array(site.inputs[2]) if site.inputs[2] is not None else None,
+                                                rows_per_call=rows)
     return captured
+
+
+def projection_tokens(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int | None]:
+    """A projection input's calibration rows ``[tokens, in]`` (padding dropped; a seeded
+    subsample of ``MAX_PROJECTION_TOKENS`` beyond that) and the rows one sample holds on
+    average (None for a 2-D input)."""
+    samples = x.shape[0] if x.ndim == 3 else None
+    if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:
+        x = x[mask]
+    x = x.reshape(-1, x.shape[-1])
+    rows = max(len(x) // samples, 1) if samples else None
+    if len(x) > MAX_PROJECTION_TOKENS:
+        x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_PROJECTION_TOKENS, replace=False))]
+    return x, rows
 
 
 def rpe_key(site_id: str) -> str:
@@ -302,7 +313,7 @@ def _register_constants(model: ir.Model, nodes: list[ir.Node]) -> None:
                 ops.base.add_initializer(model.graph, v)
 
 
-def _name_values(model: ir.Model) -> None:
+def name_values(model: ir.Model) -> None:
     """Give every unnamed value a name (captured values are fetched by name)."""
     taken = {v.name for n in model.graph for v in n.outputs if v.name}
     count = 0
@@ -327,8 +338,17 @@ def site_shape(s: ApproxSite, captured, batch: int = 1) -> dict[str, int]:
 def exact_output(s: ApproxSite, captured) -> np.ndarray:
     if s.kind == "attention":
         return _exact_attention(captured)
-    y = captured.x.astype(np.float64) @ captured.weight
-    return y + captured.bias if captured.bias is not None else y
+    return captured.exact()
+
+
+def evaluate(s: ApproxSite, captured, fitted: Fitted) -> np.ndarray:
+    """The fitted operator's reference output on the site's activations (float64); a
+    projection's rows one model call (``rows_per_call``) at a time, as the model runs them."""
+    if s.kind == "projection" and captured.rows_per_call:
+        step = captured.rows_per_call
+        return np.concatenate([fitted.reference(captured.x[i:i + step])
+                               for i in range(0, len(captured.x), step)]).astype(np.float64)
+    return fitted.reference(*site_inputs(s, captured, fitted)).astype(np.float64)
 
 
 def _exact_attention(c: CapturedAttention) -> np.ndarray:
@@ -371,8 +391,7 @@ def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict |
     if s.kind == "attention":
         fit_part, test_part = captured.take(slice(0, half)), captured.take(slice(half, n) if n > 1 else slice(0, n))
     else:  # tokens in sample order: the first half's tokens fit, the rest judge
-        fit_part = dataclasses.replace(captured, x=captured.x[:half])
-        test_part = dataclasses.replace(captured, x=captured.x[half:] if n > 1 else captured.x)
+        fit_part, test_part = captured.take(slice(0, half)), captured.take(slice(half, n) if n > 1 else slice(0, n))
     exact = exact_output(s, full.take(slice(half, n) if n > 1 else slice(0, n)) if s.kind == "attention"
                          else test_part)
     candidates = []
@@ -393,7 +412,7 @@ def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict |
         if isinstance(fitted, str):
             candidates.append(Candidate(s.id, name, None, fitted, fit_s=elapsed))
             continue
-        approx = fitted.reference(*site_inputs(s, test_part, fitted)).astype(np.float64)
+        approx = evaluate(s, test_part, fitted)
         rel = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-30))
         cost = method.cost(fitted, shape)
         base = exact_attention_cost(shape) if s.kind == "attention" else \
@@ -442,12 +461,33 @@ def variant(base: onnx.ModelProto, kinds, layers, toeplitz: bool, choices: dict[
     return model
 
 
+_TIMINGS: dict[tuple, tuple[float, float]] = {}  # (op, attributes, shapes, threads) -> times
+
+
 def measure_speedup(s: ApproxSite, captured, fitted: Fitted, seq: int | None = None, runs: int = 7,
                     threads: int = 1) -> float:
+    """Exact time / approximate time of the site (see :func:`measure_times`)."""
+    exact_ms, approx_ms = measure_times(s, captured, fitted, seq, runs, threads)
+    return exact_ms / approx_ms
+
+
+def measure_times(s: ApproxSite, captured, fitted: Fitted, seq: int | None = None, runs: int = 7,
+                  threads: int = 1) -> tuple[float, float]:
     """The fitted operator alone against the exact computation of the site, batch 1, in ONNX
-    Runtime (one-node models, same inputs, interleaved): exact time / approximate time, from
-    the fastest of ``runs`` calls each (the minimum is what other load on the machine
-    disturbs least)."""
+    Runtime (one-node models, same inputs, interleaved; ``seq`` tokens or query positions):
+    (exact ms, approximate ms), from the fastest of ``runs`` calls each (the minimum is what
+    other load on the machine disturbs least). Cached per operator, attributes, weight
+    shapes and thread count: sites of the same shape are timed once."""
+    key = (s.kind, fitted.op, repr(sorted(fitted.attrs.items())), seq, threads,
+           tuple(None if w is None else np.shape(w) for w in fitted.inputs),
+           tuple(captured.query.shape[1:]) if s.kind == "attention" else tuple(captured.weight.shape))
+    if key not in _TIMINGS:
+        _TIMINGS[key] = _time_site(s, captured, fitted, seq, runs, threads)
+    return _TIMINGS[key]
+
+
+def _time_site(s: ApproxSite, captured, fitted: Fitted, seq: int | None, runs: int,
+               threads: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     if s.kind == "attention":
         _, heads, length, head_size = captured.query.shape
@@ -479,8 +519,8 @@ def measure_speedup(s: ApproxSite, captured, fitted: Fitted, seq: int | None = N
             start = time.perf_counter()
             sess.run(None, {k: v for k, v in feeds.items() if k in {x.name for x in sess.get_inputs()}})
             times[i].append(time.perf_counter() - start)
-    exact_t, approx_t = (float(np.min(t[1:])) for t in times)
-    return exact_t / approx_t
+    exact_t, approx_t = (float(np.min(t[1:])) * 1e3 for t in times)
+    return exact_t, approx_t
 
 
 def _one_node(op_name: str, site_arrays: list, weights: list, attrs: dict) -> ir.Model:

@@ -22,7 +22,8 @@ from kernelize.passes import verify
 
 DEFAULT_SAMPLES = 16  # synthesized calibration samples
 DEFAULT_SEQ = 128  # their sequence length
-RUN_BATCH = 8  # samples per ONNX Runtime call
+RUN_BATCH = 1  # samples per ONNX Runtime call: one, as a deployed model at batch 1 runs (dynamic
+# activation quantization takes its range from the whole call, so batching would change the results)
 
 
 @dataclasses.dataclass
@@ -152,16 +153,18 @@ def run(model, calib: CalibrationSet, which: slice | None = None, names=(), thre
     sess = ort_backend.session(model, threads=threads, extra_outputs=list(names))
     wanted = [o.name for o in sess.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    sizes = []  # samples per call
     for feeds in calib.batches(which):
+        sizes.append(len(next(iter(feeds.values()))))
         for name, array in ort_backend.run(sess, feeds, wanted).items():
             parts[name].append(array)
-    return {n: _concat(p) for n, p in parts.items()}
+    return {n: _concat(p, sizes) for n, p in parts.items()}
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    """Batches along axis 0; a value that does not depend on the batch (a broadcast mask of
-    batch 1) is kept once."""
-    if all(p.shape == parts[0].shape for p in parts) and parts[0].shape[:1] == (1,) and len(parts) > 1 \
-            and all(np.array_equal(p, parts[0]) for p in parts[1:]):
+def _concat(parts: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Calls along axis 0; a value that does not depend on the batch (its first axis is not
+    the call's sample count: a broadcast mask, a relative-position table) is kept once."""
+    per_call = all(p.ndim and p.shape[0] == n for p, n in zip(parts, sizes))
+    if not per_call and all(p.shape == parts[0].shape and np.array_equal(p, parts[0]) for p in parts[1:]):
         return parts[0]
     return np.concatenate(parts)

@@ -20,9 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.errors import UsageError
+from kernelize.graph import const_array
 from kernelize.passes import approximate, calibrate
 
-RECIPE_KINDS = {"fast": ("attention",), "edge": ("projection",)}
+RECIPE_KINDS = {"fast": ("attention", "projection"), "edge": ("projection",)}
+# Methods a recipe tries by default, per kind (None: every method of the kind). ``fast`` takes
+# the integer projections only: shift-add and LUT are slower than the dense MatMul on ONNX
+# Runtime on x86 (benchmarks/projections.py), so they cannot make the model faster there.
+RECIPE_METHODS = {"fast": {"projection": ["projection:int8"]}}
 DEFAULT_MAX_ERROR = 0.01
 DISPATCH_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
 HOPELESS_SITE_ERROR = 0.5  # relative site error past which the end-to-end run is skipped
@@ -57,6 +62,23 @@ def cosine(reference: dict, candidate: dict, feeds: dict) -> float:
 METRICS: dict[str, Metric] = {"relative_l2": relative_l2, "cosine": cosine}
 
 
+def _int8_fallback(names_by_kind: dict[str, list[str]], backend: str, target: str) -> list[str]:
+    """Drop ``projection:int8`` for a TVM CPU target without int8 dot products (on it the
+    integer matmul is plain int32 arithmetic, slower than fp32); returns the notes saying so."""
+    names = names_by_kind.get("projection", [])
+    if backend != "tvm" or "projection:int8" not in names:
+        return []
+    from kernelize.backends import targets
+
+    preset = targets.resolve(target)
+    if targets.int8_dot_product(preset):
+        return []
+    names_by_kind["projection"] = [n for n in names if n != "projection:int8"]
+    return [f"target {target} ({preset.config.get('mcpu') or preset.config.get('mtriple') or preset.config['kind']}) "
+            f"has no int8 dot-product instructions ({', '.join(targets.INT8_DOT_PRODUCT)}): projection:int8 falls "
+            "back to the dense fp32 projections"]
+
+
 def resolve_metric(metric: str | Metric | None) -> tuple[str, Metric]:
     if metric is None:
         return "relative_l2", relative_l2
@@ -71,16 +93,27 @@ def resolve_metric(metric: str | Metric | None) -> tuple[str, Metric]:
 def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: float | None = None,
                       rewrites: dict[str, list[str]] | None = None, layers: set[int] | None = None,
                       metric: str | Metric | None = None, method_options: dict | None = None,
-                      select: bool = True, calibration_cache: dict | None = None, say: Callable[[str], None] = lambda m: None) -> tuple[ir.Model, dict]:
+                      select: bool = True, calibration_cache: dict | None = None, sequential: bool = False,
+                      threads: int = 1, backend: str = "ort", target: str = "cpu",
+                      say: Callable[[str], None] = lambda m: None) -> tuple[ir.Model, dict]:
     """Fit, measure and (with ``select``) choose approximate rewrites for ``model`` (canonical
     form). Returns the rewritten model and the report section.
 
     ``calibration_cache``: a dict shared by several calls on the same model and calibration
     inputs (e.g. one inspection, then several budgets): each site's candidates are fitted and
-    measured once."""
+    measured once. ``sequential``: the chosen projections are refit in model order on the
+    activations of the model with the earlier choices applied (see :func:`_refit_sequentially`;
+    off by default: on all-MiniLM-L6-v2 it did not lower the end-to-end error).
+    ``threads``: ONNX Runtime threads for the speed measurements. ``backend``/``target``: where
+    the model will run; a TVM CPU target without int8 dot-product instructions does not get
+    ``projection:int8`` (the projections stay dense, and the section's ``notes`` say why)."""
     started = time.perf_counter()
     kinds = tuple(rewrites) if rewrites else RECIPE_KINDS.get(recipe, ("attention",))
-    names_by_kind = {k: (rewrites or {}).get(k) or approximate.methods_for(k, None) for k in kinds}
+    defaults = RECIPE_METHODS.get(recipe, {})
+    names_by_kind = {k: (rewrites or {}).get(k) or defaults.get(k) or approximate.methods_for(k, None)
+                     for k in kinds}
+    notes = _int8_fallback(names_by_kind, backend, target)
+    goal = "size" if recipe == "edge" else "time"
     forced = bool(rewrites) and max_error is None
     budget = float("inf") if forced else (DEFAULT_MAX_ERROR if max_error is None else float(max_error))
     if budget < 0:
@@ -90,6 +123,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
 
     say("calibration: loading inputs")
     calib = calib if isinstance(calib, calibrate.CalibrationSet) else calibrate.load(model, calib)
+    approximate.name_values(model)  # captured values are fetched by name, in every variant
     base = ir.to_proto(model)  # every variant starts from this; capture works on a copy
     work = ir.from_proto(base)
     sites, misses = approximate.find(work, kinds, layers, toeplitz)
@@ -98,7 +132,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                                        "held_out": calib.held_out.stop - calib.held_out.start},
                "seq": calib.seq, "metric": metric_name, "max_error": None if forced else budget,
                "mode": "forced (--rewrite without --max-error)" if forced else "budget",
-               "near_misses": [m.describe() for m in misses], "sites": []}
+               "near_misses": [m.describe() for m in misses], "notes": notes, "sites": []}
     if not sites:
         section["summary"] = "no site for the approximate rewrites"
         return model, section
@@ -119,7 +153,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     all_candidates: dict[str, list[approximate.Candidate]] = {}
     cache = {} if calibration_cache is None else calibration_cache
     for s in sites:
-        key = (s.id, tuple(names_by_kind[s.kind]), calib.fingerprint, metric_name, repr(method_options))
+        key = (s.id, tuple(names_by_kind[s.kind]), calib.fingerprint, metric_name, repr(method_options), threads)
         if key in cache:  # fitted and measured by an earlier call on the same model and calibration
             all_candidates[s.id] = cache[key]
             continue
@@ -129,13 +163,16 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
         for c in cands:
             if c.fitted is None:
                 continue
-            c.measured_speedup = approximate.measure_speedup(s, view, c.fitted)
+            exact_ms, approx_ms = approximate.measure_times(s, view, c.fitted, seq=calib.seq, threads=threads)
+            c.measured_speedup, c.saved_ms = exact_ms / approx_ms, exact_ms - approx_ms
             screen = select and not forced  # inspection measures every candidate
             if screen and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
                 c.reason = f"site error {c.site_error:.3g} > {HOPELESS_SITE_ERROR}: end-to-end run skipped"
                 continue
-            if screen and gain(c) <= 0:
-                c.reason = f"no gain at seq {calib.seq} (measured x{c.measured_speedup:.2f})"
+            if screen and gain(c, goal) <= 0:
+                c.reason = (f"no gain at seq {calib.seq} (measured x{c.measured_speedup:.2f}"
+                            + (", slower than exact: edge takes no rewrite that slows the model)"
+                               if goal == "size" and c.measured_speedup < 1 else ")"))
                 continue
             say(f"  {s.id}: end-to-end error of {c.method}")
             c.error = end_to_end({s.id: c.fitted})
@@ -150,9 +187,11 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     backed_off: list[dict] = []
     held_out_error = 0.0
     if select:
-        chosen = {k: _copy(c) for k, c in _choose(sites, all_candidates, budget, forced).items()}
+        chosen = {k: _copy(c) for k, c in _choose(sites, all_candidates, budget, forced, goal).items()}
         excluded: set[tuple[str, str]] = set()
         while chosen:
+            if sequential:
+                _refit_sequentially(base, sites, chosen, calib, method_options, (kinds, layers, toeplitz), say)
             say(f"verifying {len(chosen)} rewrite(s) together on held-out samples")
             held_out_error = end_to_end({k: c.fitted for k, c in chosen.items()}, "held_out")
             if held_out_error <= budget:
@@ -163,7 +202,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             excluded.add((worst.site, worst.method))
             remaining = {sid: [c for c in cands if (sid, c.method) not in excluded]
                          for sid, cands in all_candidates.items()}
-            chosen = {k: _copy(c) for k, c in _choose(sites, remaining, budget, forced).items()}
+            chosen = {k: _copy(c) for k, c in _choose(sites, remaining, budget, forced, goal).items()}
         for site_id, c in chosen.items():
             s = next(x for x in sites if x.id == site_id)
             if s.kind == "attention" and "exact_below" in c.fitted.attrs:
@@ -171,6 +210,13 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                 c.fitted.attrs["exact_below"], c.fitted.info["speedup_by_length"] = \
                     _crossover(s, captured[s.id], c.fitted, calib.seq)
 
+    if select and chosen and goal == "time" and not forced:
+        say("timing the rewritten model against the exact one (batch 1)")
+        section["latency"] = latency = _compare_latency(base, approximate.variant(
+            base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), calib, threads)
+        if latency["speedup"] < 1.0:  # a rewrite is taken for speed only: none pays off
+            section["not_faster"] = {k: c.method for k, c in chosen.items()}
+            chosen = {}
     left = budget - sum((c.error or 0.0) for c in chosen.values())  # after the chosen rewrites
     for s in sites:
         entry = s.describe()
@@ -180,14 +226,26 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
         if pick:
             entry.update(site_error=pick.site_error, end_to_end_error=pick.error,
                          estimated_speedup=pick.estimated_speedup, measured_speedup=pick.measured_speedup,
-                         exact_below=pick.fitted.attrs.get("exact_below"))
+                         saved_ms=pick.saved_ms, exact_below=pick.fitted.attrs.get("exact_below"),
+                         sequential=pick.fitted.info.get("sequential", False),
+                         weight_bytes=pick.fitted.info.get("weight_bytes"),
+                         dense_weight_bytes=pick.fitted.info.get("dense_weight_bytes"))
+        elif s.id in section.get("not_faster", {}):
+            entry["why_exact"] = (f"the rewritten model was not faster than the exact one end to end "
+                                  f"(x{section['latency']['speedup']:.2f}): nothing is taken for speed")
         else:
-            entry["why_exact"] = _why_exact(all_candidates[s.id], budget, forced, select, left, backed_off)
+            entry["why_exact"] = _why_exact(all_candidates[s.id], budget, forced, select, left, backed_off, goal)
         section["sites"].append(entry)
     section.update(chosen={k: c.method for k, c in chosen.items()}, backed_off=backed_off,
                    estimated_error=sum((c.error or 0.0) for c in chosen.values()),
                    held_out_error=held_out_error if chosen else 0.0, fit_s=time.perf_counter() - started)
-    if select and not chosen:
+    size = [(pick.fitted.info.get("weight_bytes"), pick.fitted.info.get("dense_weight_bytes"))
+            for pick in chosen.values()]
+    section["weight_bytes_saved"] = int(sum(d - w for w, d in size if w is not None and d is not None))
+    if section.get("not_faster"):
+        section["summary"] = (f"the chosen rewrites were not faster end to end (x{section['latency']['speedup']:.2f} "
+                              "at batch 1); all sites stay exact")
+    elif select and not chosen:
         section["summary"] = (f"no approximate rewrite fits the budget ({metric_name} <= {budget:g}); "
                               "all sites stay exact")
     else:
@@ -198,6 +256,63 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     return approximate.variant(base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), section
 
 
+def _refit_sequentially(base, sites, chosen: dict, calib, method_options, variant_args, say) -> None:
+    """Refit the chosen projections in model order (GPTQ's order): each layer's sites on the
+    activations of the model with every earlier choice applied (already refit), matching the
+    original model's outputs at the site, so that each fit also corrects the error the
+    earlier rewrites pass on. Fitting half of the calibration set only; attention choices
+    keep their fit."""
+    from kernelize.methods.base import METHODS, CapturedProjection
+
+    order = {s.id: i for i, s in enumerate(sites)}
+    projections = sorted((s for s in sites if s.kind == "projection" and s.id in chosen), key=lambda s: order[s.id])
+    if not projections:
+        return
+    mask = calib.token_mask(calib.fit)
+    original = calibrate.run(base, calib, calib.fit, names=[s.site.inputs[0].name for s in projections])
+    applied = {k: c.fitted for k, c in chosen.items() if k not in {s.id for s in projections}}
+    layers = list(dict.fromkeys(s.layer for s in projections))
+    for layer in layers:
+        group = [s for s in projections if s.layer == layer]
+        say(f"sequential calibration: {len(group)} projection(s) of layer {layer}")
+        model = approximate.variant(base, *variant_args, applied) if applied else base
+        values = calibrate.run(model, calib, calib.fit, names=[s.site.inputs[0].name for s in group])
+        for s in group:
+            c = chosen[s.id]
+            name = s.site.inputs[0].name
+            weight = const_array(s.site.inputs[1])
+            bias = const_array(s.site.inputs[2]) if s.site.inputs[2] is not None else None
+            x, rows = approximate.projection_tokens(values[name], mask)
+            x0, _ = approximate.projection_tokens(original[name], mask)
+            target = x0.astype(np.float64) @ weight + (bias if bias is not None else 0.0)
+            refit = METHODS[c.method].fit(CapturedProjection(x, weight, bias, target=target, rows_per_call=rows),
+                                          **(method_options or {}).get(c.method, {}))
+            if not isinstance(refit, str):
+                refit.info["sequential"] = True
+                c.fitted = refit
+            applied[s.id] = c.fitted
+
+
+def _compare_latency(base, rewritten, calib, threads: int, rounds: int = 15) -> dict:
+    """Batch-1 latency of the exact and the rewritten model as they will run: fused and
+    lowered for ONNX Runtime (one held-out calibration sample, interleaved rounds, medians)."""
+    from kernelize.backends import ort as ort_backend
+    from kernelize.passes.fuse import fuse
+
+    def deployed(proto):
+        model = ir.from_proto(proto)
+        fuse(model)
+        ort_backend.lower(model)
+        return ort_backend.session(model, threads=threads)
+
+    feeds = {k: v[calib.held_out.start:calib.held_out.start + 1] for k, v in calib.feeds.items()}
+    exact, fast = deployed(base), deployed(ir.to_proto(rewritten) if isinstance(rewritten, ir.Model) else rewritten)
+    times = ort_backend.interleaved_ms([exact, fast], feeds, rounds)
+    return {"batch": 1, "seq": calib.seq, "threads": threads, "exact_ms": times[0], "rewritten_ms": times[1],
+            "speedup": times[0]["median_ms"] / times[1]["median_ms"],
+            "note": "both fused and lowered for ONNX Runtime"}
+
+
 def _copy(c: approximate.Candidate) -> approximate.Candidate:
     """A chosen candidate whose attributes may change (``exact_below``) without touching the
     cached one."""
@@ -205,27 +320,29 @@ def _copy(c: approximate.Candidate) -> approximate.Candidate:
                                                              info=dict(c.fitted.info)))
 
 
-def gain(c: approximate.Candidate) -> float:
-    """What a candidate saves at its site, as a fraction: attention, the time (measured
-    speed alone); a projection, the time or the weight bytes, whichever saves more."""
-    saved = 1.0 - 1.0 / c.measured_speedup if c.measured_speedup else 0.0
+def gain(c: approximate.Candidate, goal: str = "time") -> float:
+    """What a candidate saves at its site. ``time`` (recipe fast): the milliseconds saved at
+    batch 1 (measured); ``size`` (recipe edge): the fraction of weight bytes saved, for
+    candidates that are not slower than exact (0 otherwise)."""
+    if goal == "time":
+        return c.saved_ms or 0.0
     info = c.fitted.info if c.fitted is not None else {}
-    if info.get("dense_weight_bytes"):
-        saved = max(saved, 1.0 - info["weight_bytes"] / info["dense_weight_bytes"])
-    return saved
+    if not info.get("dense_weight_bytes") or (c.measured_speedup or 0.0) < 1.0:
+        return 0.0
+    return 1.0 - info["weight_bytes"] / info["dense_weight_bytes"]
 
 
-def _choose(sites, candidates, budget: float, forced: bool) -> dict:
+def _choose(sites, candidates, budget: float, forced: bool, goal: str = "time") -> dict:
     """Per site the candidate with the largest gain that fits what is left of the budget,
     sites with the best gain per unit of error first."""
     if forced:  # the user named the rewrite: the first fitted candidate per site
         return {s.id: next(c for c in candidates[s.id] if c.fitted is not None)
                 for s in sites if any(c.fitted is not None for c in candidates[s.id])}
     options = {s.id: sorted((c for c in candidates[s.id] if c.error is not None and c.error <= budget
-                             and gain(c) > 0), key=lambda c: -gain(c)) for s in sites}
+                             and gain(c, goal) > 0), key=lambda c: -gain(c, goal)) for s in sites}
 
     def value(c):
-        return gain(c) / max(c.error, 1e-9)
+        return gain(c, goal) / max(c.error, 1e-9)
 
     order = sorted((sid for sid in options if options[sid]), key=lambda sid: -max(map(value, options[sid])))
     chosen, spent = {}, 0.0
@@ -250,13 +367,13 @@ def _crossover(s, captured, fitted, seq: int | None) -> tuple[int, dict]:
     return int(exact_below), speed
 
 
-def _why_exact(cands, budget, forced, select, left, backed_off) -> str:
+def _why_exact(cands, budget, forced, select, left, backed_off, goal) -> str:
     if not select:
         return "inspection only"
     fitted = [c for c in cands if c.fitted is not None]
     if not fitted:
         return "no candidate applies: " + "; ".join(f"{c.method}: {c.reason}" for c in cands)
-    errors = [c.error for c in fitted if c.error is not None and gain(c) > 0]
+    errors = [c.error for c in fitted if c.error is not None and gain(c, goal) > 0]
     if not errors:
         return "no candidate is worth an end-to-end run: " + "; ".join(
             f"{c.method}: {c.reason}" for c in fitted if c.reason)
