@@ -176,6 +176,11 @@ def test_int8_static_needs_enough_tokens():
     x, weight, bias = site(rng_for("int8-few"), 100, 16, 8, outlier=False)
     with pytest.raises(UsageError, match="static int8 ranges need at least"):
         METHODS["projection:int8"].fit(CapturedProjection(x, weight, bias), activation="static")
+    with pytest.raises(UsageError, match="static int8 ranges need at least"):
+        METHODS["projection:int8-static"].fit(CapturedProjection(x, weight, bias))
+    x, weight, bias = site(rng_for("int8-many"), 300, 16, 8, outlier=False)
+    fitted = METHODS["projection:int8-static"].fit(CapturedProjection(x, weight, bias))
+    assert fitted.attrs["activation"] == "static" and fitted.attrs["act_scale"] > 0
     with pytest.raises(UsageError, match="activation must be one of"):
         METHODS["projection:int8"].fit(CapturedProjection(x, weight, bias), activation="per-row")
 

@@ -27,7 +27,7 @@ RECIPE_KINDS = {"fast": ("attention", "projection"), "edge": ("projection",)}
 # Methods a recipe tries by default, per kind (None: every method of the kind). ``fast`` takes
 # the integer projections only: shift-add and LUT are slower than the dense MatMul on ONNX
 # Runtime on x86 (benchmarks/projections.py), so they cannot make the model faster there.
-RECIPE_METHODS = {"fast": {"projection": ["projection:int8"]}}
+RECIPE_METHODS = {"fast": {"projection": ["projection:int8", "projection:int8-static"]}}
 DEFAULT_MAX_ERROR = 0.01
 DISPATCH_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
 HOPELESS_SITE_ERROR = 0.5  # relative site error past which the end-to-end run is skipped
@@ -63,20 +63,21 @@ METRICS: dict[str, Metric] = {"relative_l2": relative_l2, "cosine": cosine}
 
 
 def _int8_fallback(names_by_kind: dict[str, list[str]], backend: str, target: str) -> list[str]:
-    """Drop ``projection:int8`` for a TVM CPU target without int8 dot products (on it the
+    """Drop the ``projection:int8`` methods for a TVM CPU target without int8 dot products (on it the
     integer matmul is plain int32 arithmetic, slower than fp32); returns the notes saying so."""
     names = names_by_kind.get("projection", [])
-    if backend != "tvm" or "projection:int8" not in names:
+    integer = [n for n in names if n.startswith("projection:int8")]
+    if backend != "tvm" or not integer:
         return []
     from kernelize.backends import targets
 
     preset = targets.resolve(target)
     if targets.int8_dot_product(preset):
         return []
-    names_by_kind["projection"] = [n for n in names if n != "projection:int8"]
+    names_by_kind["projection"] = [n for n in names if n not in integer]
     return [f"target {target} ({preset.config.get('mcpu') or preset.config.get('mtriple') or preset.config['kind']}) "
-            f"has no int8 dot-product instructions ({', '.join(targets.INT8_DOT_PRODUCT)}): projection:int8 falls "
-            "back to the dense fp32 projections"]
+            f"has no int8 dot-product instructions ({', '.join(targets.INT8_DOT_PRODUCT)}): {', '.join(integer)} "
+            "fall back to the dense fp32 projections"]
 
 
 def resolve_metric(metric: str | Metric | None) -> tuple[str, Metric]:
