@@ -179,7 +179,9 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             c.error = end_to_end({s.id: c.fitted})
         all_candidates[s.id] = cache[key] = cands
 
-    for name in {n for names in names_by_kind.values() for n in names}:  # too little data everywhere
+    # a method the user named that has too little data at every site is an error; a recipe's
+    # default methods just leave such sites to the other candidates (the reason is reported)
+    for name in {n for names in (rewrites or {}).values() for n in names or ()}:
         tried = [c for cands in all_candidates.values() for c in cands if c.method == name]
         if tried and all(c.refused for c in tried):
             raise UsageError(tried[0].refused)
