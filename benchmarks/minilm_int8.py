@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import RESULTS, machine, write_json  # noqa: E402
 from minilm_approx import (constant_bytes, embeddings, latency, pooled_cosine_error,  # noqa: E402
                            retrieval_agreement, text_inputs)
 
@@ -170,9 +170,13 @@ def main() -> None:
     exact = kernelize.optimize(model_bytes, measure_latency=False).model
     with tempfile.TemporaryDirectory() as tmp:
         anchors = ort_anchors(model_bytes, Path(tmp))
-    cases = [run_seq(model_bytes, exact, anchors, int(seq), args, say) for seq in args.seqs.split(",")]
-    data = {"benchmark": "minilm_int8", "settings": vars(args), "machine": machine(), "cases": cases}
-    print(f"wrote {write_json('minilm_int8', json.loads(dumps(data)))}")
+    previous = RESULTS / "minilm_int8.json"  # cases at other lengths are kept
+    cases = json.loads(previous.read_text())["cases"] if previous.exists() else []
+    for seq in (int(s) for s in args.seqs.split(",")):
+        case = dict(run_seq(model_bytes, exact, anchors, seq, args, say), settings=vars(args), machine=machine())
+        cases = sorted([c for c in cases if c["seq"] != seq] + [case], key=lambda c: c["seq"])
+        path = write_json("minilm_int8", json.loads(dumps({"benchmark": "minilm_int8", "cases": cases})))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
