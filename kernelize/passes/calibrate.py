@@ -101,22 +101,18 @@ def load(model: ir.Model, calib: str | os.PathLike | dict | None, samples: int =
 
 def _synthesize(model: ir.Model, samples: int, seq: int) -> tuple[dict[str, np.ndarray], int]:
     """Random inputs at ``seq``, or at the longest shorter length the model runs at (a model
-    with a short position table fails at 128)."""
+    with a short position table fails at 128: :func:`verify.accepted_length`)."""
     names = [v.name for v in model.graph.inputs]
-    sess = ort_backend.session(model)
-    for length in sorted({seq, *(n for n in (64, 32, 16) if n < seq)}, reverse=True):
-        halves = [verify.random_inputs(model, max(samples // 2, 1), length, seed=s) for s in (101, 202)]
-        for half in halves:  # synthesized masks keep every token (no padding rows)
-            for k, a in half.items():
-                if "mask" in k.lower():
-                    half[k] = np.ones_like(a)
-        feeds = {k: np.concatenate([h[k] for h in halves]) for k in names}
-        try:
-            ort_backend.run(sess, {k: v[:1] for k, v in feeds.items()})
-        except KernelizeError:
-            continue
-        return feeds, length
-    raise UsageError("the model does not run on synthesized inputs; pass calibration inputs with --calib")
+    try:
+        length = verify.accepted_length(ort_backend.session(model), model, seq)
+    except KernelizeError as err:
+        raise UsageError(f"{err}; pass calibration inputs with --calib") from None
+    halves = [verify.random_inputs(model, max(samples // 2, 1), length, seed=s) for s in (101, 202)]
+    for half in halves:  # synthesized masks keep every token (no padding rows)
+        for k, a in half.items():
+            if "mask" in k.lower():
+                half[k] = np.ones_like(a)
+    return {k: np.concatenate([h[k] for h in halves]) for k in names}, length
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

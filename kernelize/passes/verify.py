@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.backends import ort as ort_backend
+from kernelize.errors import KernelizeError
 
 # (batch, sequence) shapes for exactness checks: batch 1 and > 1, odd lengths.
 CHECK_SHAPES = ((1, 7), (2, 13), (3, 32))
@@ -51,6 +52,30 @@ def random_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0)
             rows = embedding_rows(model, value)
             feeds[name] = rng.integers(0, rows, dims).astype(dtype) if rows else np.zeros(dims, dtype)
     return feeds
+
+
+def accepted_length(sess, signature: ir.Model, seq: int, batch: int = 1) -> int:
+    """The longest sequence length up to ``seq`` at which the session runs on
+    :func:`random_inputs` (a position-embedding table bounds it: RoBERTa's positions start
+    after the padding index, so a 514-row table takes 512 tokens). Raises KernelizeError,
+    with ONNX Runtime's reason, when no length runs."""
+    def error_at(length: int) -> str | None:
+        try:
+            ort_backend.run(sess, random_inputs(signature, batch, length))
+        except KernelizeError as err:
+            return str(err)
+        return None
+
+    first = error_at(seq)
+    if first is None:
+        return seq
+    runs, fails = 0, seq  # the longest length known to run (0: none yet), the shortest known to fail
+    while fails - runs > 1:
+        mid = (runs + fails) // 2
+        runs, fails = (mid, fails) if error_at(mid) is None else (runs, mid)
+    if runs == 0:
+        raise KernelizeError(f"the model does not run on synthesized inputs of length 1 to {seq}: {first}")
+    return runs
 
 
 def run_at_shapes(model, signature: ir.Model, names=(), shapes=CHECK_SHAPES, seed: int = 0) -> list[dict]:

@@ -1,0 +1,61 @@
+"""Inputs kernelize synthesizes follow what the model accepts (issue 12): a RoBERTa from the
+legacy exporter with a 40-row position table (positions start after the padding index, so it
+takes 38 tokens) is measured at 38 tokens instead of failing at the default 128, and the
+report says so; calibration synthesized for it has the same bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+import transformers
+
+import kernelize
+from kernelize.backends import ort as ort_backend
+from kernelize.errors import KernelizeError
+from kernelize.passes import calibrate, verify
+
+POSITIONS = 40
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=POSITIONS)
+    model = transformers.RobertaModel(config).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    path = tmp_path_factory.mktemp("roberta") / "model.onnx"
+    ids = torch.randint(3, 300, (2, 16))
+    torch.onnx.export(Hidden(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")})
+    return onnx.load(path)
+
+
+def test_accepted_length_is_bounded_by_the_position_table(roberta):
+    model = ir.from_proto(roberta)
+    sess = ort_backend.session(roberta)
+    assert verify.accepted_length(sess, model, 128) == POSITIONS - 2
+    assert verify.accepted_length(sess, model, 20) == 20
+    with pytest.raises(KernelizeError, match="ONNX Runtime failed"):
+        ort_backend.run(sess, verify.random_inputs(model, 1, POSITIONS))
+
+
+def test_latency_and_calibration_at_a_length_the_model_takes(roberta):
+    result = kernelize.optimize(roberta, latency_runs=3)
+    latency = result.report["latency"]
+    assert latency["seq"] == POSITIONS - 2 and "does not run at 128" in latency["note"]
+    calib = calibrate.load(ir.from_proto(roberta), None)
+    assert calib.seq == POSITIONS - 2 and "input_ids" in calib.feeds
+    assert np.max(calib.feeds["input_ids"]) < 300
