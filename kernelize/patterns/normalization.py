@@ -61,6 +61,8 @@ def _normalized(mean_node_out: ir.Value, numerator: ir.Value, nodes: list):
         nodes.append(div)
         return div.outputs[0], eps
     recip = only_user(sqrt.outputs[0], "Reciprocal")
+    if recip is None and div is not None and div.inputs[1] is sqrt.outputs[0] and scalar_const(div.inputs[0]) == 1.0:
+        recip = div  # 1 / sqrt(...) as a Div (the legacy exporter's rsqrt)
     if recip is not None:
         mul = only_user(recip.outputs[0], "Mul")
         if mul is not None and numerator in mul.inputs:
