@@ -348,3 +348,25 @@ def test_int8_under_a_budget_and_tvm_fallback(bert):
         backend="tvm", target='{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver2"}')
     assert not tvm_section["chosen"]
     assert any("no int8 dot-product instructions" in note for note in tvm_section["notes"])
+
+
+def test_int8_on_a_model_without_constant_weights_rewrites_nothing(tmp_path, capsys):
+    """``--rewrite projection=int8`` where no MatMul has a constant weight: exit 0, the model
+    written unchanged, and the reason in the report."""
+    import onnx
+
+    from kernelize import cli
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", 8])
+    w = onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", 8])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x, w], [y])
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]), path)
+    code = cli.main(["optimize", str(path), "--rewrite", "projection=int8", "-o", str(tmp_path / "out"),
+                     "--no-latency"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "no site for the approximate rewrites (projection weight is not a constant: left dense)" in out
+    written = onnx.load(tmp_path / "out" / "model.onnx")
+    assert [n.op_type for n in written.graph.node] == ["MatMul"]

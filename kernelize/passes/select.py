@@ -135,7 +135,8 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                "mode": "forced (--rewrite without --max-error)" if forced else "budget",
                "near_misses": [m.describe() for m in misses], "notes": notes, "sites": []}
     if not sites:
-        section["summary"] = "no site for the approximate rewrites"
+        reasons = sorted({m.reason for m in misses})
+        section["summary"] = "no site for the approximate rewrites" + (f" ({'; '.join(reasons)})" if reasons else "")
         return model, section
 
     say(f"calibration: capturing activations at {len(sites)} site(s)")
