@@ -151,7 +151,8 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     if out_path is not None:  # fail before any work
         from kernelize.deploy.artifact import output_parent
 
-        output_parent(out_path, force)
+        output_parent(out_path, force, inputs=[model] if isinstance(model, (str, os.PathLike)) and
+                      os.path.exists(model) else [])
     timings: dict[str, float] = {}
 
     def step(label):

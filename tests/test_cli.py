@@ -136,6 +136,23 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert code == 0 and (out / "model.onnx").exists() and not (out / "keep.txt").exists()
 
 
+@pytest.mark.parametrize("where", ["input_folder", "cwd", "parent", "root"])
+def test_output_that_would_delete_the_input_is_refused(tmp_path, capsys, monkeypatch, where):
+    """``-o <the input's folder> --force`` (and ``.``, ``..``, ``/``) would replace the user's
+    files: a one-line error, and the input is still there."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = _no_attention_model(folder / "tiny.onnx")
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    out = {"input_folder": str(folder), "cwd": ".", "parent": "..", "root": "/"}[where]
+    code, _, err = _run(["optimize", str(path), "-o", out, "-q", "--no-latency", "--force"], capsys)
+    _assert_one_line_error(code, err, 1, "refusing" if where in ("cwd", "parent") else "contains the input")
+    assert work.is_dir()
+    assert path.is_file() and sorted(p.name for p in folder.iterdir()) == ["tiny.onnx"]
+
+
 def test_bad_builder_spec(capsys):
     code, _, err = _run(["inspect", "no_such_pkg.models:build"], capsys)
     _assert_one_line_error(code, err, 1, "cannot import")

@@ -327,10 +327,20 @@ def _signature_entries(entries: Any, what: str) -> list[dict]:
     return out
 
 
-def output_parent(out_path: Path, force: bool = False) -> Path:
-    """The folder a new output folder goes into; refuses an existing output without force
-    and a missing parent (one-line errors)."""
+def output_parent(out_path: Path, force: bool = False, inputs=()) -> Path:
+    """The folder a new output folder goes into; refuses an existing output without force,
+    a missing parent, the root, the current folder or one above it, and a folder that is or
+    contains one of ``inputs`` (the user's files: replacing it would delete them)."""
     out_path = Path(out_path)
+    resolved = out_path.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == resolved or resolved in source.parents:
+            raise KernelizeError(f"output folder {out_path} contains the input {source}; choose another folder")
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise KernelizeError(f"refusing to write the output to {out_path}: it is the current folder or one above it; "
+                             "name a new folder")
     if out_path.exists() and not force:
         raise KernelizeError(f"output folder {out_path} exists (use --force to replace it)")
     parent = out_path.resolve().parent
