@@ -357,7 +357,7 @@ def _apply_custom(model: ir.Model, rewrites) -> tuple[ir.Model, list[dict]]:
     for rewrite in rewrites:
         before = ir.to_proto(model)
         candidate = ir.from_proto(before)
-        count = RewriteRuleSet([rewrite.rule()]).apply_to_model(candidate)
+        count = RewriteRuleSet([_once_per_node(rewrite.rule(), candidate)]).apply_to_model(candidate)
         ir.passes.common.RemoveUnusedNodesPass()(candidate)
         entry = {"name": rewrite.name, "exact": rewrite.exact, "sites": int(count or 0)}
         if not count:
@@ -375,6 +375,22 @@ def _apply_custom(model: ir.Model, rewrites) -> tuple[ir.Model, list[dict]]:
             entry.update(status="applied", detail=f"{count} site(s), max abs error {err:.3g}")
         results.append(entry)
     return model, results
+
+
+def _once_per_node(rule, model: ir.Model):
+    """``rule`` tried only at the nodes ``model`` has now: onnxscript visits the nodes a
+    replacement inserts too, so a replacement that contains its own pattern (Erf -> Erf)
+    would rewrite forever. Each original node is rewritten at most once."""
+    original = {node for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+    for function in model.functions.values():
+        original.update(function)
+    try_rewrite = rule.try_rewrite
+
+    def bounded(model, graph_or_function, node, *args, **kwargs):
+        return try_rewrite(model, graph_or_function, node, *args, **kwargs) if node in original else None
+
+    rule.try_rewrite = bounded
+    return rule
 
 
 def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = False,

@@ -93,3 +93,22 @@ def test_plugin_found_through_entry_point(tmp_path, monkeypatch):
 def test_register_rejects_non_rewrite():
     with pytest.raises(kernelize.KernelizeError):
         kernelize.register_rewrite(lambda op, x: x)
+
+
+def test_replacement_containing_its_own_pattern_terminates(example):
+    """Erf -> Erf (the replacement matches the pattern again): each original node is
+    rewritten once, so optimize ends (it used to loop until the OOM killer)."""
+    def erf_pattern(op, x):
+        return op.Erf(x)
+
+    def erf_again(op, x):
+        return op.Erf(x)
+
+    kernelize.register_rewrite(kernelize.Rewrite("erf_again", erf_pattern, erf_again))
+    try:
+        module, inputs = _model(example)
+        result = kernelize.optimize(module, inputs, measure_latency=False)
+    finally:
+        kernelize.unregister_rewrite("erf_again")
+    (entry,) = [e for e in result.report["custom_rewrites"] if e["name"] == "erf_again"]
+    assert entry["status"] == "applied" and entry["sites"] == 1
