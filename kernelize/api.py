@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -208,6 +209,11 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     timings["verify_s"] = time.perf_counter() - t
     # The built-in rewrites are exact: checked against the model they started from (custom
     # rewrites declared approximate are applied before and report their own error).
+    broken = [n for n, e in end_to_end["outputs"].items() if not math.isfinite(e)]
+    if broken:  # NaN/inf (or a wrong shape) where the original model gives finite values
+        raise KernelizeError(f"the optimized model gives non-finite values or wrong shapes in {', '.join(broken)} "
+                             "where the original is finite; nothing written (this is a kernelize bug, please "
+                             "report it with the model)")
     limit = _rounding_limit(tolerance, approx_section, end_to_end)
     if not worst <= limit:
         raise KernelizeError(f"exact rewrites changed the outputs by {worst:.3g} (tolerance {limit:.3g}); "

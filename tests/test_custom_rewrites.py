@@ -112,3 +112,25 @@ def test_replacement_containing_its_own_pattern_terminates(example):
         kernelize.unregister_rewrite("erf_again")
     (entry,) = [e for e in result.report["custom_rewrites"] if e["name"] == "erf_again"]
     assert entry["status"] == "applied" and entry["sites"] == 1
+
+
+def test_non_finite_result_stops_the_run(example, tmp_path):
+    """A rewrite that makes the model give NaN where the original is finite: optimize stops
+    with a one-line KernelizeError and writes nothing (it used to write the artifact, exit 0)."""
+    from kernelize.errors import KernelizeError
+
+    def erf_pattern(op, x):
+        return op.Erf(x)
+
+    def nan_erf(op, x):
+        return op.Sqrt(op.Sub(op.Neg(op.Abs(x)), op.Constant(value_float=1.0)))
+
+    kernelize.register_rewrite(kernelize.Rewrite("nan_erf", erf_pattern, nan_erf, exact=False))
+    out = tmp_path / "out"
+    try:
+        module, inputs = _model(example)
+        with pytest.raises(KernelizeError, match="non-finite"):
+            kernelize.optimize(module, inputs, measure_latency=False, output_dir=out)
+    finally:
+        kernelize.unregister_rewrite("nan_erf")
+    assert not out.exists()
