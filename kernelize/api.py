@@ -135,12 +135,17 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
     """
     _check_choices(recipe, backend)
     approximating = recipe != "exact" or bool(rewrites)
-    if approximating:  # bad specifications fail before any work
-        from kernelize.passes import approximate, select
+    from kernelize.passes import approximate, select
 
-        rewrite_spec = approximate.parse_rewrites(rewrites) or None
-        layer_set = approximate.parse_layers(layers)
-        select.resolve_metric(metric)
+    # bad specifications fail before any work, whatever the recipe
+    rewrite_spec = approximate.parse_rewrites(rewrites) or None
+    layer_set = approximate.parse_layers(layers)
+    select.resolve_metric(metric)
+    if max_error is not None and not (isinstance(max_error, (int, float)) and math.isfinite(max_error)
+                                      and max_error >= 0):
+        raise UsageError(f"--max-error must be a number >= 0 (got {max_error})")
+    if isinstance(calib, (str, os.PathLike)) and not Path(calib).is_file():
+        raise UsageError(f"calibration file not found: {calib}")
     if backend == "ort" and target not in ("cpu", "arm64"):
         raise UsageError(f"backend ort supports targets cpu and arm64 (got {target!r}); use --backend tvm")
     if backend == "tvm":

@@ -200,6 +200,22 @@ def test_bad_approximate_options(bert, kwargs, message):
         kernelize.optimize(bert, recipe="fast", measure_latency=False, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": "abc"}, "bad --layers"),
+    ({"layers": "9-3"}, "bad --layers"),
+    ({"max_error": float("nan")}, "--max-error must be a number"),
+    ({"max_error": -1.0}, "--max-error must be a number"),
+    ({"metric": "bogus"}, "unknown metric"),
+    ({"calib": "missing.npz"}, "calibration file not found"),
+])
+@pytest.mark.parametrize("recipe", ["exact", "fast"])
+def test_options_are_checked_before_any_work(bert, monkeypatch, recipe, kwargs, message):
+    """Bad options fail at once, whatever the recipe (with ``exact`` they used to pass)."""
+    monkeypatch.setattr(kernelize.api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UsageError, match=message):
+        kernelize.optimize(bert, recipe=recipe, measure_latency=False, **kwargs)
+
+
 def test_cli_fast_recipe_with_calib_file(bert, tmp_path, capsys):
     model = tmp_path / "bert.onnx"
     model.write_bytes(bert.SerializeToString())

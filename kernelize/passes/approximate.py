@@ -117,7 +117,10 @@ def parse_layers(text: str | None) -> set[int] | None:
     try:
         for part in str(text).split(","):
             lo, _, hi = part.strip().partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError
+            layers.update(range(first, last + 1))
     except ValueError:
         raise UsageError(f"bad --layers {text!r}: expected e.g. 3-5 or 0,2,4") from None
     return layers
