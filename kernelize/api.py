@@ -274,6 +274,10 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
                              "after_engine": "tvm" if built is not None else "onnxruntime"}
         if seq != requested:
             report["latency"]["note"] = f"measured at {seq} tokens: the model does not run at {requested}"
+        if report["latency"]["speedup"] < 1.0:
+            report["latency"]["warning"] = (f"warning: the optimized model is slower than the original "
+                                            f"({report['latency']['speedup']:.2f}x at batch {batch}, seq {seq})")
+            say(report["latency"]["warning"])
         timings["latency_s"] = time.perf_counter() - t
 
     path = None

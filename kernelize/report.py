@@ -36,6 +36,7 @@ def table(report: dict) -> str:
         lines.append(f"latency (batch {lat['batch']}, seq {lat['seq']}, {lat['threads']} thread(s), median of "
                      f"{lat['before']['runs']}): before {lat['before']['median_ms']:.2f} ms, after "
                      f"{lat['after']['median_ms']:.2f} ms, speedup {lat['speedup']:.2f}x")
+        lines += [f"  {lat[key]}" for key in ("note", "warning") if lat.get(key)]
     return "\n".join(lines) + "\n"
 
 

@@ -170,3 +170,19 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("kernelize: error: model file not found")
+
+
+def test_slower_result_is_warned_about(tmp_path, capsys, monkeypatch):
+    """A model measured slower than the original is still written, with a warning on the
+    console and in the report."""
+    from kernelize.backends import ort as ort_backend
+
+    times = iter([1.0, 2.0])
+    monkeypatch.setattr(ort_backend, "latency_ms", lambda *a, **k: {"median_ms": next(times), "runs": 3})
+    path = _no_attention_model(tmp_path / "tiny.onnx")
+    code, out, _ = _run(["optimize", str(path), "-o", str(tmp_path / "out")], capsys)
+    assert code == 0
+    assert "warning: the optimized model is slower than the original (0.50x" in out
+    import json
+
+    assert "slower" in json.loads((tmp_path / "out" / "report.json").read_text())["latency"]["warning"]
