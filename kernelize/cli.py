@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 DEFAULT_MODEL = "kernelize.models.minilm:build"
@@ -390,6 +392,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from kernelize.errors import KernelizeError, UsageError
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # unwinds like Ctrl-C: partial outputs are removed
     try:
         if args.command == "optimize":
             from kernelize.api import optimize
@@ -426,10 +431,24 @@ def main(argv=None) -> int:
     except KernelizeError as err:
         print(f"kernelize: error: {err}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("kernelize: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("kernelize: interrupted", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 if __name__ == "__main__":

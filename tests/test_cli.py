@@ -186,3 +186,28 @@ def test_slower_result_is_warned_about(tmp_path, capsys, monkeypatch):
     import json
 
     assert "slower" in json.loads((tmp_path / "out" / "report.json").read_text())["latency"]["warning"]
+
+
+def test_sigterm_while_writing_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    """SIGTERM in the middle of writing the artifact: one line, exit 143, and neither the
+    output nor kernelize's hidden temp folder is left behind."""
+    import os
+    import signal
+
+    from kernelize.deploy import artifact
+
+    real = artifact.sha256_file
+
+    def terminated_midway(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(path)
+
+    monkeypatch.setattr(artifact, "sha256_file", terminated_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        path = _no_attention_model(tmp_path / "tiny.onnx")
+        code, _, err = _run(["optimize", str(path), "-o", str(tmp_path / "out"), "-q", "--no-latency"], capsys)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and err.strip() == "kernelize: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
