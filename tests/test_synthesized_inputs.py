@@ -59,3 +59,23 @@ def test_latency_and_calibration_at_a_length_the_model_takes(roberta):
     calib = calibrate.load(ir.from_proto(roberta), None)
     assert calib.seq == POSITIONS - 2 and "input_ids" in calib.feeds
     assert np.max(calib.feeds["input_ids"]) < 300
+
+
+def test_calibration_keeps_fixed_dimensions(tmp_path):
+    """A bare attention core exported with q, k, v of shape [1, 12, n, 64] (batch and heads
+    fixed): synthesized calibration keeps batch 1 per call, and the approximate rewrite is
+    fitted and verified (it used to fail: 'Got invalid dimensions for input: q')."""
+
+    class Core(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) / 8.0, -1) @ v
+
+    q = torch.randn(1, 12, 32, 64)
+    n = torch.export.Dim("n", min=2, max=1024)
+    path = tmp_path / "core.onnx"
+    torch.onnx.export(Core(), (q, q.clone(), q.clone()), str(path), input_names=["q", "k", "v"], dynamo=True,
+                      dynamic_shapes=({2: n}, {2: n}, {2: n}), external_data=False)
+    result = kernelize.optimize(str(path), rewrites=["attention=linear:favor+"], measure_latency=False)
+    section = result.report["approximate"]
+    assert section["chosen"] == {"attention[0]": "linear:favor"}
+    assert section["calibration_samples"]["fit"] >= 1 and 0 < section["held_out_error"] < float("inf")
