@@ -161,3 +161,25 @@ def test_causal_sdpa_recognized_and_exact():
     (site,) = result.report["sites"]
     assert site["rewrite"] == "Attention" and site["mask"] == "causal"
     assert max(result.report["end_to_end"]["outputs"].values()) <= 1e-5
+
+
+@pytest.mark.parametrize("second,expected", [([0, 2, 1], [[1, 2, 0]]), ([1, 0, 2], [])])
+def test_canonicalize_composes_consecutive_transposes(second, expected):
+    """Transpose(Transpose(x, [1, 0, 2]), q) becomes one Transpose (or none when the two
+    cancel), with the same values."""
+    from kernelize.backends import ort as ort_backend
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+             helper.make_node("Transpose", ["t"], ["u"], perm=second),
+             helper.make_node("Relu", ["u"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    before = ort_backend.run(ort_backend.session(proto), feeds)["y"]
+    model = load(proto)
+    canonicalize(model)
+    perms = [list(n.attributes["perm"].as_ints()) for n in model.graph if n.op_type == "Transpose"]
+    assert perms == expected
+    after = ort_backend.run(ort_backend.session(model), feeds)["y"]
+    np.testing.assert_array_equal(after, before)

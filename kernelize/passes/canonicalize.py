@@ -177,6 +177,26 @@ def split_key_transpose(graph: ir.Graph, node: ir.Node) -> bool:
     return _bypass(graph, node, key_t.outputs[0])
 
 
+def compose_transposes(graph: ir.Graph, node: ir.Node) -> bool:
+    """Transpose(Transpose(x, p), q) -> Transpose(x, p[q]); the identity -> x (torch's packed
+    in_proj spells K^T as two 3-D Transposes in a row)."""
+    if node.op_type != "Transpose":
+        return False
+    inner = node.inputs[0].producer()
+    if inner is None or inner.op_type != "Transpose":
+        return False
+    p, q = attr(inner, "perm", None), attr(node, "perm", None)
+    if p is None or q is None or len(p) != len(q):
+        return False
+    perm = [int(p[i]) for i in q]
+    if perm == list(range(len(perm))):
+        return _bypass(graph, node, inner.inputs[0])
+    composed = ir.Node("", "Transpose", [inner.inputs[0]], attributes=[ir.AttrInt64s("perm", perm)], num_outputs=1)
+    graph.insert_before(node, [composed])
+    composed.outputs[0].shape, composed.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+    return _bypass(graph, node, composed.outputs[0])
+
+
 def flattened_matmul(graph: ir.Graph, node: ir.Node) -> bool:
     """Reshape(MatMul(Reshape(x, [-1, K]), W) [+ b], [*lead(x), N]) -> MatMul(x, W) [+ b].
 
@@ -491,5 +511,5 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
 
 
 RULES = [gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
-         split_key_transpose, flattened_matmul, batched_head_attention, tanh_gelu,
+         split_key_transpose, compose_transposes, flattened_matmul, batched_head_attention, tanh_gelu,
          div_to_mul, constant_last]
