@@ -87,3 +87,21 @@ def test_bad_build_shape_is_a_usage_error(capsys, tmp_path):
     code = main(["optimize", "kernelize.models.minilm:build", "--backend", "tvm", "--shape", "batch=zero",
                  "-o", str(tmp_path / "o"), "-q"])
     assert code == 2 and "--shape" in capsys.readouterr().err
+
+
+def test_unknown_shape_name_is_a_usage_error():
+    """``--shape sequence=64`` on a model whose axes are batch/seq (or its own symbols) is
+    refused with the names it does have, instead of silently building 1 x 128."""
+    import onnx
+    import pytest
+
+    from kernelize.backends import tvm as tvm_backend
+    from kernelize.errors import UsageError
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s72", 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with pytest.raises(UsageError, match=r"sequence, which the model does not have \(use b, batch, s72, seq\)"):
+        tvm_backend.input_shapes(model, {"sequence": 64})
+    assert tvm_backend.input_shapes(model, {"s72": 5, "batch": 2}) == {"x": [2, 5, 8]}

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from kernelize import ops
 from kernelize.backends import targets as targets_mod
-from kernelize.errors import KernelizeError
+from kernelize.errors import KernelizeError, UsageError
 
 DEFAULT_SHAPE = {"batch": 1, "seq": 128}
 _OP_PREFIX = "kernelize__"  # kernelize nodes are renamed to this + op name before import
@@ -173,9 +173,15 @@ def _prepare_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
 def input_shapes(model: ir.Model | onnx.ModelProto, shape: dict | None) -> dict[str, list[int]]:
     """Concrete input shapes: symbolic axis 0 -> shape["batch"], other symbolic axes ->
     shape["seq"] (or a value given by the axis's own symbol name)."""
-    shape = {**DEFAULT_SHAPE, **(shape or {})}
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     initializers = {t.name for t in proto.graph.initializer}
+    symbols = {d.dim_param for v in proto.graph.input if v.name not in initializers
+               for d in v.type.tensor_type.shape.dim if d.dim_param}
+    unknown = sorted(set(shape or {}) - set(DEFAULT_SHAPE) - symbols)
+    if unknown:
+        raise UsageError(f"--shape names {', '.join(unknown)}, which the model does not have (use "
+                         f"{', '.join(sorted(set(DEFAULT_SHAPE) | symbols))})")
+    shape = {**DEFAULT_SHAPE, **(shape or {})}
     result = {}
     for value in proto.graph.input:
         if value.name in initializers:
