@@ -87,19 +87,10 @@ def retrieval_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def latency(models: dict, seq: int, threads: int, rounds: int) -> dict:
+    """Batch-1 latency of each model on one held-out passage, in interleaved rounds."""
     feeds = {k: v[:1] for k, v in text_inputs("held_out", seq, 1).items()}
-    sessions = {k: ort_backend.session(m, threads=threads) for k, m in models.items()}
-    times = {k: [] for k in sessions}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, feeds)
-    for r in range(rounds):
-        for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-            start = time.perf_counter()
-            sessions[k].run(None, feeds)
-            times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: {"median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
-                "p90_ms": float(np.percentile(t, 90))} for k, t in times.items()}
+    sessions = [ort_backend.session(m, threads=threads) for m in models.values()]
+    return dict(zip(models, ort_backend.interleaved_ms(sessions, feeds, rounds, warmup=3)))
 
 
 def error_table(section: dict) -> list[dict]:

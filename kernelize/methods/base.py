@@ -42,26 +42,28 @@ class CapturedAttention:
 class CapturedProjection:
     """One projection site ``y = x @ weight + bias`` over the calibration samples.
 
-    ``target`` (sequential calibration): the original model's output rows for the same
-    tokens, when ``x`` comes from a model whose earlier sites are already rewritten (kept
-    for the report's drift; fits match ``x @ weight + bias``: regressing on the original
-    output shrinks the weights, since the upstream error in ``x`` is noise uncorrelated with
-    it, and moving the bias by the mean drift, though it lowers each site's own error, made
-    MiniLM's combined error 30x worse). ``rows_per_call``: how many
-    consecutive rows of ``x`` one model call sees (one calibration sample), for methods whose
-    quantization depends on the whole tensor of a call.
+    ``rows_per_call``: how many consecutive rows of ``x`` one model call sees (one
+    calibration sample), for methods whose quantization depends on the whole tensor of a
+    call. Fits match ``x @ weight + bias`` also when ``x`` comes from a model whose earlier
+    sites are rewritten (sequential calibration): regressing on the original model's output
+    instead shrinks the weights (the upstream error in ``x`` is noise uncorrelated with it),
+    and moving the bias by the mean drift, though it lowered each site's own error, made
+    MiniLM's combined error 30x worse.
     """
 
     x: np.ndarray  # [tokens, in_features] float32 (padding tokens removed)
     weight: np.ndarray  # [in_features, out_features]
     bias: np.ndarray | None  # [out_features]
-    target: np.ndarray | None = None  # [tokens, out_features]
     rows_per_call: int | None = None
 
     def take(self, index) -> "CapturedProjection":
         """The tokens ``index`` (a slice or index array)."""
-        return dataclasses.replace(self, x=self.x[index],
-                                   target=None if self.target is None else self.target[index])
+        return dataclasses.replace(self, x=self.x[index])
+
+    def calls(self) -> list[slice]:
+        """The rows of ``x`` one model call at a time (all at once without ``rows_per_call``)."""
+        step = max(self.rows_per_call or len(self.x), 1)
+        return [slice(start, start + step) for start in range(0, len(self.x), step)]
 
     def exact(self) -> np.ndarray:
         """The site's exact output on ``x``: ``x @ weight + bias`` (float64)."""

@@ -39,11 +39,6 @@ ALPHAS = (None, 0.5, 0.65, 0.8)  # smoothing strengths tried (None: no smoothing
 MIN_STATIC_TOKENS = 256  # calibration tokens the static activation range is taken from
 
 
-def _calls(x: np.ndarray, rows_per_call: int | None) -> list[slice]:
-    step = rows_per_call or len(x)
-    return [slice(start, start + step) for start in range(0, len(x), max(step, 1))]
-
-
 def gptq(weight: np.ndarray, x: np.ndarray, damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """7-bit per-channel weights rounded one input row at a time, each row's rounding error
     pushed onto the rows not yet rounded so that ``x @ W`` changes least on the calibration
@@ -91,7 +86,7 @@ class Int8Method(Method):
             return "no calibration tokens at this site"
         weight = np.asarray(captured.weight, np.float64)
         exact = captured.exact()
-        calls = _calls(x, captured.rows_per_call)
+        calls = captured.calls()
         best = None
         for alpha in alphas:
             fitted = self._fit_one(x, weight, exact, calls, activation, alpha, gptq)

@@ -347,10 +347,8 @@ def exact_output(s: ApproxSite, captured) -> np.ndarray:
 def evaluate(s: ApproxSite, captured, fitted: Fitted) -> np.ndarray:
     """The fitted operator's reference output on the site's activations (float64); a
     projection's rows one model call (``rows_per_call``) at a time, as the model runs them."""
-    if s.kind == "projection" and captured.rows_per_call:
-        step = captured.rows_per_call
-        return np.concatenate([fitted.reference(captured.x[i:i + step])
-                               for i in range(0, len(captured.x), step)]).astype(np.float64)
+    if s.kind == "projection":
+        return np.concatenate([fitted.reference(captured.x[part]) for part in captured.calls()]).astype(np.float64)
     return fitted.reference(*site_inputs(s, captured, fitted)).astype(np.float64)
 
 

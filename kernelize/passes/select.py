@@ -262,10 +262,9 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
 
 def _refit_sequentially(base, sites, chosen: dict, calib, method_options, variant_args, say) -> None:
     """Refit the chosen projections in model order (GPTQ's order): each layer's sites on the
-    activations of the model with every earlier choice applied (already refit), matching the
-    original model's outputs at the site, so that each fit also corrects the error the
-    earlier rewrites pass on. Fitting half of the calibration set only; attention choices
-    keep their fit."""
+    activations of the model with every earlier choice applied (already refit), so that each
+    fit sees the inputs it will get. Fitting half of the calibration set only; attention
+    choices keep their fit."""
     from kernelize.methods.base import METHODS, CapturedProjection
 
     order = {s.id: i for i, s in enumerate(sites)}
@@ -273,7 +272,6 @@ def _refit_sequentially(base, sites, chosen: dict, calib, method_options, varian
     if not projections:
         return
     mask = calib.token_mask(calib.fit)
-    original = calibrate.run(base, calib, calib.fit, names=[s.site.inputs[0].name for s in projections])
     applied = {k: c.fitted for k, c in chosen.items() if k not in {s.id for s in projections}}
     layers = list(dict.fromkeys(s.layer for s in projections))
     for layer in layers:
@@ -283,13 +281,10 @@ def _refit_sequentially(base, sites, chosen: dict, calib, method_options, varian
         values = calibrate.run(model, calib, calib.fit, names=[s.site.inputs[0].name for s in group])
         for s in group:
             c = chosen[s.id]
-            name = s.site.inputs[0].name
             weight = const_array(s.site.inputs[1])
             bias = const_array(s.site.inputs[2]) if s.site.inputs[2] is not None else None
-            x, rows = approximate.projection_tokens(values[name], mask)
-            x0, _ = approximate.projection_tokens(original[name], mask)
-            target = x0.astype(np.float64) @ weight + (bias if bias is not None else 0.0)
-            refit = METHODS[c.method].fit(CapturedProjection(x, weight, bias, target=target, rows_per_call=rows),
+            x, rows = approximate.projection_tokens(values[s.site.inputs[0].name], mask)
+            refit = METHODS[c.method].fit(CapturedProjection(x, weight, bias, rows_per_call=rows),
                                           **(method_options or {}).get(c.method, {}))
             if not isinstance(refit, str):
                 refit.info["sequential"] = True
@@ -297,7 +292,7 @@ def _refit_sequentially(base, sites, chosen: dict, calib, method_options, varian
             applied[s.id] = c.fitted
 
 
-def _compare_latency(base, rewritten, calib, threads: int, rounds: int = 15) -> dict:
+def _compare_latency(base, rewritten: ir.Model, calib, threads: int, rounds: int = 15) -> dict:
     """Batch-1 latency of the exact and the rewritten model as they will run: fused and
     lowered for ONNX Runtime (one held-out calibration sample, interleaved rounds, medians)."""
     from kernelize.backends import ort as ort_backend
@@ -310,7 +305,7 @@ def _compare_latency(base, rewritten, calib, threads: int, rounds: int = 15) -> 
         return ort_backend.session(model, threads=threads)
 
     feeds = {k: v[calib.held_out.start:calib.held_out.start + 1] for k, v in calib.feeds.items()}
-    exact, fast = deployed(base), deployed(ir.to_proto(rewritten) if isinstance(rewritten, ir.Model) else rewritten)
+    exact, fast = deployed(base), deployed(ir.to_proto(rewritten))
     times = ort_backend.interleaved_ms([exact, fast], feeds, rounds)
     return {"batch": 1, "seq": calib.seq, "threads": threads, "exact_ms": times[0], "rewritten_ms": times[1],
             "speedup": times[0]["median_ms"] / times[1]["median_ms"],
