@@ -16,9 +16,10 @@ one inter-op thread); TVM runs its lowering (``kernelize.backends.tvm.build(mode
 static shapes, kernelize's CPU schedule rules, no tuning; ``TVM_NUM_THREADS`` set to
 ``--threads`` before TVM is imported).
 
-TVM schedules: the project's CPU rules (``tvm_schedule.default_rules``). The results JSON
-was measured while those rules still held dlight's ``cpu.GEMV``, which this script then
-dropped for its builds (LLVM took 3 to 15 minutes on the GEMV schedule of linear attention's
+TVM schedules: the project's CPU rules (``kernelize.backends.tvm.schedules.default_rules``;
+``tvm_schedule.default_rules`` in the results, its former name). The results JSON was
+measured while those rules still held dlight's ``cpu.GEMV``, which this script then dropped
+for its builds (LLVM took 3 to 15 minutes on the GEMV schedule of linear attention's
 normalizer, under 1% of the row's work); the project's rules have since dropped it too, so
 the build measured is the project's. Each TVM row records ``schedules`` (kernel -> rule).
 

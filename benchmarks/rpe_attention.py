@@ -137,7 +137,7 @@ def exact_bytes(n: int, backend: str) -> int:
     the gathered Toeplitz bias too). The TVM lowering runs in chunks of heads of about
     ``EXACT_CHUNK_BYTES`` of scores each."""
     if backend == "tvm":
-        from kernelize.ops.rpe_attention import EXACT_CHUNK_BYTES
+        from kernelize.backends.tvm.lower.rpe_attention import EXACT_CHUNK_BYTES
 
         return 4 * min(HEADS * n * n * 4, max(n * n * 4, EXACT_CHUNK_BYTES))
     return 3 * HEADS * n * n * 4

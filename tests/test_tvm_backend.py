@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -19,6 +21,8 @@ import pytest
 from kernelize import ops
 from kernelize.backends import targets
 from kernelize.backends import tvm as tvm_backend
+from kernelize.backends.tvm import registry
+from kernelize.deploy import runner as runner_mod
 from kernelize.errors import KernelizeError, UsageError
 from kernelize.ops.base import add_initializer
 
@@ -68,9 +72,33 @@ def check_lowering(op, args, attrs, consts=frozenset()):
 
 
 def test_every_operator_has_a_tvm_lowering():
+    """One registered lowering per operator, in ``backends/tvm/lower/`` under the name of the
+    operator's own module in ``kernelize/ops``; none for an operator that does not exist."""
     assert set(ops.registered()) == set(COVERED), "list new operators (and their test file) in test_ops.COVERED"
-    for op in ops.registered().values():
-        assert callable(getattr(op, "lower_tvm", None)), f"{op.name} has no lower_tvm"
+    lowerings = registry.registered()
+    assert set(lowerings) == set(ops.registered()), "register a TVM lowering for every operator (and only those)"
+    for name, lower in lowerings.items():
+        op_module = type(ops.get(name)).__module__.rsplit(".", 1)[-1]
+        assert callable(lower) and lower.__module__ == f"kernelize.backends.tvm.lower.{op_module}", \
+            f"{name}'s lowering lives in {lower.__module__}"
+    assert registry.lookup("NoSuchOperator") is None
+
+
+def test_operator_without_a_lowering_is_refused(monkeypatch):
+    op = ops.get("RMSNorm")
+    model, _ = one_node_model(op, [("input", np.ones((1, 3, 8), np.float32)),
+                                   ("weight", np.ones(8, np.float32))], {"epsilon": 1e-6})
+    registry.registered()  # load the lowerings before one is taken away
+    monkeypatch.delitem(registry._LOWERINGS, "RMSNorm")
+    with pytest.raises(KernelizeError, match="kernelize operator RMSNorm has no TVM lowering"):
+        tvm_backend.build(model, "cpu")
+
+
+def test_importing_the_backend_does_not_import_tvm():
+    code = ("import sys; import kernelize.backends.tvm as b; b.build, b.to_relax, b.Built; "
+            "assert 'tvm' not in sys.modules, 'tvm imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 # -- targets -------------------------------------------------------------------------------
@@ -260,16 +288,26 @@ def test_symbolic_axes_are_specialized():
         built.run({})
 
 
+def write_and_load(built, model, folder):
+    """``built`` as the artifact ``kernelize optimize --backend tvm`` writes, loaded by the
+    deploy runner (the one TVM VM runner)."""
+    from kernelize.api import write_tvm_artifact
+
+    return runner_mod.load(write_tvm_artifact(built, model, {}, folder))
+
+
 def test_export_and_load_roundtrip(tmp_path):
     model, args = ffn_model(batch=2, seq=9)
     built = tvm_backend.build(model, "cpu")
+    assert isinstance(built.runner(), runner_mod.TvmVM)  # the runner deployed artifacts use
     path = built.export_library(tmp_path / "ffn.so")
     assert path.is_file() and (tmp_path / "ffn.so.json").is_file()
-    runner = tvm_backend.load(path)
     x = args[0][1]
-    np.testing.assert_array_equal(runner.run({"input": x})[0], built.run({"input": x})[0])
+    with write_and_load(built, model, tmp_path / "ffn") as loaded:
+        (name,) = [o.name for o in model.graph.outputs]
+        np.testing.assert_array_equal(loaded.run({"input": x})[name], built.run({"input": x})[0])
     with pytest.raises(KernelizeError):
-        tvm_backend.load(tmp_path / "missing.so")
+        runner_mod.load(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("seq, width", [(13, 20), (16, 32)])
@@ -377,9 +415,9 @@ def test_minilm_matches_onnx_runtime(minilm_fused, minilm_built, minilm_tokens, 
     # random token ids, against the fused model's function bodies run by ONNX Runtime
     errors = tvm_backend.compare_with_onnx(minilm_built, minilm_fused)
     assert set(errors) == set(minilm_built.outputs) and max(errors.values()) <= 1e-4, errors
-    # the exported library gives the same numbers
-    runner = tvm_backend.load(minilm_built.export_library(tmp_path / "minilm.so"))
-    np.testing.assert_array_equal(runner.run(minilm_tokens)[0], actual[0])
+    # the deployed artifact gives the same numbers
+    with write_and_load(minilm_built, minilm_fused, tmp_path / "minilm") as loaded:
+        np.testing.assert_array_equal(loaded.run(minilm_tokens)[minilm_built.outputs[0]], actual[0])
 
 
 # -- MetaSchedule tuning ----------------------------------------------------------------------

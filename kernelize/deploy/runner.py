@@ -259,15 +259,85 @@ def flatten_outputs(value) -> list:
     return [value.numpy()]
 
 
+class TvmVM:
+    """A Relax VirtualMachine over a compiled TVM module: the one TVM VM runner, for a deployed
+    artifact (its library, loaded with ``tvm.runtime.load_module``) and for a model just built
+    (``kernelize.backends.tvm.Built.runner``, over the ``relax.build`` executable).
+
+    ``inputs`` is the signature (``[{"name", "shape", "dtype"}]`` in call order); ``threads``
+    sets the thread count of TVM's CPU kernels in this process (None: as the process has it).
+    """
+
+    def __init__(self, module, inputs: list[dict], device: str | Any = "cpu", threads: int | None = None,
+                 entry: str = "main"):
+        tvm = import_tvm()
+        self.tvm = tvm
+        self.threads = set_tvm_threads(tvm, int(threads)) if threads else None
+        self.inputs = list(inputs)
+        self.device = tvm.device(device, 0) if isinstance(device, str) else device
+        self.vm = vm_class(tvm)(module, self.device)
+        self._main = self.vm[entry]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    def tensors(self, arrays) -> list:
+        """Device tensors of ``arrays`` (in call order), as they are."""
+        return [self.tvm.runtime.tensor(a, self.device) for a in arrays]
+
+    def arguments(self, inputs: Mapping[str, Any]) -> list:
+        """Device tensors of ``inputs`` (name -> array) in call order, each cast to its input's
+        dtype; a missing input or a shape other than the static one it was built for raises."""
+        import numpy as np
+
+        arrays = []
+        for spec in self.inputs:
+            if spec["name"] not in inputs:
+                raise KernelizeError(f"missing input {spec['name']!r} (inputs: {', '.join(self.input_names)})")
+            array = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
+            if list(array.shape) != list(spec["shape"]):
+                raise KernelizeError(f"input {spec['name']!r} has shape {list(array.shape)}, but the module was "
+                                     f"built for {spec['shape']} (build again with that shape)")
+            arrays.append(array)
+        return self.tensors(arrays)
+
+    def run_arguments(self, args: list) -> list:
+        """Outputs (NumPy arrays, in the model's output order) for device tensors ``args``."""
+        return flatten_outputs(self._main(*args))
+
+    def run(self, inputs: Mapping[str, Any]) -> list:
+        """Outputs (NumPy arrays, in the model's output order) for ``inputs`` (name -> array)."""
+        return self.run_arguments(self.arguments(inputs))
+
+    def timed(self, args: list) -> float:
+        """Seconds of one call on device tensors ``args`` (the device synchronized)."""
+        start = time.perf_counter()
+        self._main(*args)
+        self.device.sync()
+        return time.perf_counter() - start
+
+    def latency_ms(self, inputs: Mapping[str, Any], runs: int = 20, warmup: int = 3) -> dict[str, float]:
+        """Median and spread of ``runs`` timed calls (after ``warmup``), inputs already on the
+        device; the same statistics as ``kernelize.backends.ort.latency_ms``."""
+        import numpy as np
+
+        args = self.arguments(inputs)
+        for _ in range(warmup):
+            self._main(*args)
+        times = sorted(self.timed(args) * 1e3 for _ in range(runs))
+        return {"median_ms": float(np.median(times)), "p10_ms": times[len(times) // 10],
+                "p90_ms": times[(9 * len(times)) // 10], "runs": runs}
+
+
 class _TvmSession:
     def __init__(self, art: artifact_mod.Artifact, threads: int):
         tvm = import_tvm()
         check_tvm_version(art.manifest, tvm)
         self.threads = set_tvm_threads(tvm, threads)  # what the kernels will really use
-        self.tvm = tvm
-        self.entry = art.manifest.get("entry", "main")
         self.n_outputs = len(art.outputs)
         self._tmp = None
+        self._args: list = []
         path = art.model_path
         if path.suffix == ".tar":  # linked on load, next to the file: keep the artifact folder clean
             self._tmp = tempfile.TemporaryDirectory(prefix="kernelize-tvm-")
@@ -280,20 +350,17 @@ class _TvmSession:
             hint = " (linking model.tar needs a C compiler here)" if path.suffix == ".tar" else ""
             raise KernelizeError(f"TVM cannot load {art.manifest['model']}{hint}: {_first_line(err)}") from None
         try:
-            self.device = tvm.device(art.target.get("device") or "cpu", 0)
-            self.vm = vm_class(tvm)(lib, self.device)
+            self.vm = TvmVM(lib, art.inputs, art.target.get("device") or "cpu", entry=art.manifest.get("entry", "main"))
         except Exception as err:  # noqa: BLE001
             raise KernelizeError(f"TVM cannot start the model's VM: {_first_line(err)}") from None
 
     def _set(self, feeds: dict) -> None:
-        tensors = [self.tvm.runtime.tensor(a, self.device) for a in feeds.values()]
-        self.vm.set_input(self.entry, *tensors)
+        self._args = self.vm.tensors(feeds.values())
 
     def run(self, feeds: dict) -> list:
         try:
             self._set(feeds)
-            self.vm.invoke_stateful(self.entry)
-            outputs = flatten_outputs(self.vm.get_outputs(self.entry))
+            outputs = self.vm.run_arguments(self._args)
         except Exception as err:  # noqa: BLE001
             raise KernelizeError(f"TVM failed to run the model: {_first_line(err)}") from None
         if len(outputs) != self.n_outputs:
@@ -301,13 +368,11 @@ class _TvmSession:
         return outputs
 
     def timed(self, feeds: dict) -> float:
-        start = time.perf_counter()
-        self.vm.invoke_stateful(self.entry)
-        self.device.sync()
-        return time.perf_counter() - start
+        return self.vm.timed(self._args)
 
     def close(self) -> None:
         self.vm = None
+        self._args = []
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

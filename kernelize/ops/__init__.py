@@ -1,10 +1,12 @@
 """kernelize-domain operators, one module each.
 
-Every operator has four parts that agree with each other: its schema (inputs,
-attributes), a NumPy reference, an ONNX function body in standard ops (so any ONNX
-runtime can run the model) and a TVM lowering; where a backend has a faster kernel, a
-lowering to it. Every module in this package is imported here, which registers its
-operators; modules that only hold shared helpers define none.
+Every operator has three parts that agree with each other: its schema (inputs,
+attributes), a NumPy reference and an ONNX function body in standard ops (so any ONNX
+runtime can run the model); where ONNX Runtime has a faster kernel, a lowering to it
+(``lower_ort``). Compiler backends keep their own lowerings, registered by operator name
+(TVM: ``kernelize/backends/tvm/lower/``); nothing here imports a backend. Every module in
+this package is imported here, which registers its operators; modules that only hold shared
+helpers define none.
 """
 
 import importlib

@@ -36,17 +36,6 @@ class Attention(Operator):
         query, key, value, bias = inputs
         return [emit_sdpa(tape, query, key, value, bias, attrs["scale"])]
 
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: K is transposed to [B, H, D, Sk] once, so both products are plain
-        (non-transposed) batched matmuls for the CPU schedule."""
-        from tvm import relax
-
-        from kernelize.backends.tvm import sdpa
-
-        query, key, value, bias = inputs
-        key_t = bb.emit(relax.op.permute_dims(key, [0, 1, 3, 2]))
-        return sdpa(bb, query, key_t, value, bias, attrs["scale"])
-
 
 def emit_sdpa(tape: ir.tape.Tape, query, key, value, bias, scale: float) -> ir.Value:
     """Scaled dot-product attention in standard ops (shared with MultiHeadAttention)."""

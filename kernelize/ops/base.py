@@ -16,11 +16,17 @@ _REGISTRY: dict[str, "Operator"] = {}
 
 
 class Operator(abc.ABC):
-    """Base of the operator definitions in ``kernelize/ops``.
+    """Base of the operator definitions in ``kernelize/ops``: the contract every operator keeps.
 
-    Subclasses set :attr:`name`, :attr:`inputs` (names; a trailing ``?`` marks an optional
-    input), :attr:`attributes` (name -> Python type) and implement :meth:`reference` and
-    :meth:`body`. :meth:`lower_ort` may return a faster ONNX Runtime form.
+    Required: :attr:`name`, :attr:`inputs` (names; a trailing ``?`` marks an optional
+    input), :attr:`attributes` (name -> Python type), :attr:`outputs` (default one, ``Y``),
+    :meth:`reference` (NumPy) and :meth:`body` (standard ONNX ops, so any runtime can run the
+    model). Optional: :meth:`lower_ort`, a faster ONNX Runtime form (the default keeps the
+    body). Nothing else: an operator module knows no compiler backend. A backend that compiles
+    the operators keeps its lowerings itself, registered by operator name (TVM:
+    ``kernelize.backends.tvm.registry``, one module per operator in
+    ``kernelize/backends/tvm/lower/``), and treats an operator it has no lowering for as
+    unsupported.
     """
 
     name: ClassVar[str]
@@ -156,11 +162,3 @@ def emit_length_dispatch(tape: ir.tape.Tape, query: ir.Value, exact_below: int,
     length = tape.op("Squeeze", [shape, const(tape, [0], np.int64)])
     short = tape.op("Less", [length, const(tape, exact_below, np.int64)])
     return tape.op("If", [short], branches)
-
-
-def lower_length_dispatch(query, exact_below: int, exact: Callable[[], object],
-                          approximate: Callable[[], object]):
-    """The TVM side of :func:`emit_length_dispatch`: shapes are static there, so the branch
-    is chosen while lowering."""
-    length = int(query.ty.shape[-2])  # TVM 0.27: a Relax expression's type carries its shape
-    return exact() if length < exact_below else approximate()

@@ -32,12 +32,10 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.ops.attention import emit_sdpa, softmax
-from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
+from kernelize.ops.base import Operator, const, emit_length_dispatch
 
 NEG = -1e30  # additive score of a dropped slot: finite, so no row turns NaN (empty rows are zeroed)
 MASKED_BIAS = -1e4  # a bias value at or below this drops the key
-SLOT_MULTIPLE = 16  # TVM: slots per block padded to a multiple of this (two AVX2 vectors, one AVX-512
-# vector), or the Q K^T matmul and the softmax over the slots are not vectorized at all
 
 
 # -- NumPy: references ----------------------------------------------------------------------
@@ -244,127 +242,6 @@ def emit_exact(tape, query, key, value, bias, scale: float, causal: bool) -> ir.
     return emit_sdpa(tape, query, key, value, bias, scale)
 
 
-# -- TVM ------------------------------------------------------------------------------------
-def _shape(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape]
-
-
-def _check_padding_bias(bias, batch: int, seq: int, op_name: str):
-    from kernelize.errors import KernelizeError
-
-    shape = _shape(bias)
-    if len(shape) != 4 or shape[1:3] != [1, 1] or shape[3] != seq or shape[0] not in (1, batch):
-        raise KernelizeError(f"{op_name}: the TVM kernel supports only a key-padding bias "
-                             f"[B or 1, 1, 1, S], not {shape}")
-
-
-def lower_band_attention(bb, query, key, value, bias, scale: float, band: Band,
-                         rule: Callable[[np.ndarray, np.ndarray], np.ndarray], op_name: str):
-    """The banded block kernel as Relax: TE gathers of the key/value slots (K gathered straight
-    into the [.., D, L] layout the matmul schedule wants), two batched matmuls over
-    ``[B, H, nb]`` and the project's softmax. The slot mask is a constant (static shapes).
-    The slots are padded to a multiple of ``SLOT_MULTIPLE`` with masked copies of key 0: the
-    matmul and softmax schedules vectorize only widths the vector divides (window 256 + 4
-    sinks gave 578 slots: Q K^T ran 4x slower unvectorized than at 592)."""
-    from tvm import relax, te, tirx
-
-    from kernelize.backends.tvm import softmax as te_softmax
-
-    op = relax.op
-    batch, heads, seq, head = _shape(query)
-    head_v = _shape(value)[3]
-    b = band.block
-    blocks = -(-seq // b)
-    width = -(-band.width // SLOT_MULTIPLE) * SLOT_MULTIPLE  # extra slots: key 0, masked
-    extra = width - band.width
-    positions = np.pad(np.clip(band.positions(blocks), 0, seq - 1), ((0, 0), (0, extra)))
-    index = relax.const(positions.astype(np.int32), "int32")
-    mask = np.pad(np.where(band.valid(seq, rule), 0.0, NEG), ((0, 0), (0, 0), (0, extra)), constant_values=NEG)
-    mask = mask.astype(np.float32)
-
-    def blocked_queries(q):
-        return te.compute((batch, heads, blocks, b, head), lambda n, h, t, r, d: tirx.if_then_else(
-            t * b + r < seq, q[n, h, tirx.min(t * b + r, seq - 1), d], tirx.const(0.0, "float32")),
-            name="query_blocks")
-
-    def gather_keys_t(k, idx):
-        return te.compute((batch, heads, blocks, head, width), lambda n, h, t, d, l: k[n, h, idx[t, l], d],
-                          name="key_slots_t")
-
-    def gather_values(v, idx):
-        return te.compute((batch, heads, blocks, width, head_v), lambda n, h, t, l, d: v[n, h, idx[t, l], d],
-                          name="value_slots")
-
-    q_blocks = bb.emit_te(blocked_queries, query, primfunc_name_hint="query_blocks")
-    key_t = bb.emit_te(gather_keys_t, key, index, primfunc_name_hint="key_slots_t")
-    values = bb.emit_te(gather_values, value, index, primfunc_name_hint="value_slots")
-    scores = bb.emit(op.matmul(q_blocks, key_t))
-    scores = bb.emit(op.multiply(scores, relax.const(np.float32(scale), "float32")))
-    additive = relax.const(mask, "float32")
-    if bias is not None:
-        _check_padding_bias(bias, batch, seq, op_name)
-        padding = bb.emit_te(lambda bias_, idx: te.compute(
-            (_shape(bias)[0], 1, blocks, 1, width),
-            lambda n, _h, t, _r, l: tirx.Select(bias_[n, 0, 0, idx[t, l]] > tirx.const(MASKED_BIAS, "float32"),
-                                                 bias_[n, 0, 0, idx[t, l]], tirx.const(NEG, "float32")),
-            name="padding_slots"), bias, index, primfunc_name_hint="padding_slots")
-        additive = bb.emit(op.add(additive, padding))
-    scores = bb.emit(op.add(scores, additive))
-    out = bb.emit(op.matmul(te_softmax(bb, scores), values))
-    if bias is not None:
-        out = bb.emit(op.multiply(out, _row_has_key_tvm(bb, additive)))
-    out = bb.emit(op.reshape(out, (batch, heads, blocks * b, head_v)))
-    if blocks * b != seq:
-        out = bb.emit(op.strided_slice(out, axes=[2], begin=[0], end=[seq]))
-    return out
-
-
-def _row_has_key_tvm(bb, additive):
-    from tvm import relax
-
-    op = relax.op
-    kept = bb.emit(op.astype(op.greater(additive, relax.const(np.float32(NEG / 2), "float32")), "float32"))
-    return bb.emit(op.max(kept, axis=[-1], keepdims=True))
-
-
-def lower_dense_rows(bb, query, key, value, bias, scale: float, causal: bool):
-    """TVM twin of :func:`emit_dense_rows` (``query`` holds the first rows of the sequence)."""
-    from tvm import relax
-
-    from kernelize.backends.tvm import sdpa
-
-    op = relax.op
-    rows = _shape(query)[2]
-    cols = _shape(key)[2]
-    mask = None
-    if causal:
-        mask = relax.const(np.where(np.tril(np.ones((rows, cols), bool)), 0.0, NEG).astype(np.float32), "float32")
-    if bias is not None:
-        padding = bb.emit(op.where(op.greater(bias, relax.const(np.float32(MASKED_BIAS), "float32")), bias,
-                                   relax.const(np.float32(NEG), "float32")))
-        mask = padding if mask is None else bb.emit(op.add(mask, padding))
-    key_t = bb.emit(op.permute_dims(key, [0, 1, 3, 2]))
-    out = sdpa(bb, query, key_t, value, mask, scale)
-    if bias is not None:
-        out = bb.emit(op.multiply(out, _row_has_key_tvm(bb, mask)))
-    return out
-
-
-def lower_exact(bb, query, key, value, bias, scale: float, causal: bool):
-    """TVM twin of :func:`emit_exact`."""
-    from tvm import relax
-
-    from kernelize.backends.tvm import sdpa
-
-    op = relax.op
-    if causal:
-        rows, cols = _shape(query)[2], _shape(key)[2]
-        mask = relax.const(np.where(np.tril(np.ones((rows, cols), bool)), 0.0, NEG).astype(np.float32), "float32")
-        bias = mask if bias is None else bb.emit(op.add(bias, mask))
-    key_t = bb.emit(op.permute_dims(key, [0, 1, 3, 2]))
-    return sdpa(bb, query, key_t, value, bias, scale)
-
-
 # -- the operator -------------------------------------------------------------------------------
 def block_band(block: int, local_blocks: int, global_blocks: int, causal: bool) -> Band:
     """The slots of a non-global query block: global key blocks, then the neighbour blocks
@@ -402,13 +279,13 @@ class BlockSparseAttention(Operator):
         return masked_attention_reference(query, key, value, bias, scale, allowed)
 
     @staticmethod
-    def _settings(attrs):
+    def settings(attrs):
         return (float(attrs["scale"]), bool(attrs.get("causal", 0)), int(attrs.get("block", 64)),
                 int(attrs.get("local_blocks", 1)), int(attrs.get("global_blocks", 0)))
 
     def body(self, tape, inputs, attrs):
         query, key, value, bias = inputs
-        scale, causal, block, local_blocks, global_blocks = self._settings(attrs)
+        scale, causal, block, local_blocks, global_blocks = self.settings(attrs)
         band = block_band(block, local_blocks, global_blocks, causal)
 
         def rule(t, qpos, kpos):
@@ -430,31 +307,3 @@ class BlockSparseAttention(Operator):
 
         exact = lambda t: emit_exact(t, query, key, value, bias, scale, causal)  # noqa: E731
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
-
-    def lower_tvm(self, bb, inputs, attrs):
-        from tvm import relax
-
-        query, key, value, bias = inputs
-        scale, causal, block, local_blocks, global_blocks = self._settings(attrs)
-        band = block_band(block, local_blocks, global_blocks, causal)
-
-        def rule(qpos, kpos):
-            qb, kb = qpos // block, kpos // block
-            allowed = (np.abs(qb - kb) <= local_blocks) | (kb < global_blocks) | (qb < global_blocks)
-            return allowed & (kpos <= qpos) if causal else allowed
-
-        def approximate():
-            out = lower_band_attention(bb, query, key, value, bias, scale, band, rule, self.name)
-            seq = _shape(query)[2]
-            rows = min(global_blocks * block, seq)
-            if not rows:
-                return out
-            head_rows = bb.emit(relax.op.strided_slice(query, axes=[2], begin=[0], end=[rows]))
-            dense = lower_dense_rows(bb, head_rows, key, value, bias, scale, causal)
-            if rows == seq:
-                return dense
-            rest = bb.emit(relax.op.strided_slice(out, axes=[2], begin=[rows], end=[seq]))
-            return bb.emit(relax.op.concat([dense, rest], axis=2))
-
-        exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)

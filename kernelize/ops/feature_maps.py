@@ -3,7 +3,8 @@
 A feature map turns head-split queries or keys ``x [..., H, S, D]`` into non-negative
 features ``[..., H, S, M]`` so that ``phi(q) . phi(k)`` stands in for the softmax kernel
 ``exp(scale * q . k)``. Each map has three agreeing forms: :func:`reference` (NumPy,
-float64), :func:`emit_onnx` (standard ONNX ops, opset 20) and :func:`lower_tvm` (Relax).
+float64), :func:`emit_onnx` (standard ONNX ops, opset 20) and a Relax one in the TVM backend
+(``kernelize/backends/tvm/lower/feature_maps.py``).
 
 Scaling convention (one for every map): the caller multiplies queries and keys by
 ``sqrt(scale)`` before the map, so the map approximates ``exp(q' . k')`` on the scaled
@@ -34,7 +35,7 @@ FEATURE_MAPS = ("elu", "relu", "favor", "hedgehog")
 ROLES = ("query", "key")
 
 
-def _check(kind: str, role: str, weight, bias) -> None:
+def check(kind: str, role: str, weight, bias) -> None:
     if kind not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {kind!r}; expected one of {FEATURE_MAPS}")
     if role not in ROLES:
@@ -82,7 +83,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def reference(kind: str, x: np.ndarray, role: str, weight=None, bias=None) -> np.ndarray:
     """Features of ``x [..., H, S, D]`` (float64 in and out): ``[..., H, S, M]``."""
-    _check(kind, role, weight, bias)
+    check(kind, role, weight, bias)
     x = np.asarray(x, np.float64)
     if kind == "elu":
         return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
@@ -103,7 +104,7 @@ def emit_onnx(tape, kind: str, x, role: str, weight=None, bias=None):
     """The features of ``x`` as standard ONNX ops (opset 20) appended to ``tape``."""
     from kernelize.ops.base import const
 
-    _check(kind, role, weight, bias)
+    check(kind, role, weight, bias)
     if kind == "elu":
         return tape.op("Add", [tape.op("Elu", [x], {"alpha": 1.0}), const(tape, 1.0)])
     if kind == "relu":
@@ -121,34 +122,3 @@ def emit_onnx(tape, kind: str, x, role: str, weight=None, bias=None):
     positive = tape.op("Softmax", [z], {"axis": -1})
     negative = tape.op("Softmax", [tape.op("Neg", [z])], {"axis": -1})
     return tape.op("Concat", [positive, negative], {"axis": -1})
-
-
-# -- TVM Relax -------------------------------------------------------------------------------
-def lower_tvm(bb, kind: str, x, role: str, weight=None, bias=None):
-    """The features of ``x`` as Relax bindings in ``bb`` (static shapes)."""
-    from tvm import relax
-
-    from kernelize.backends.tvm import softmax
-
-    _check(kind, role, weight, bias)
-    op = relax.op
-    one = relax.const(np.float32(1.0), "float32")
-    if kind == "elu":
-        positive = bb.emit(op.greater(x, relax.const(np.float32(0.0), "float32")))
-        below = bb.emit(op.exp(bb.emit(op.minimum(x, relax.const(np.float32(0.0), "float32")))))
-        return bb.emit(op.where(positive, bb.emit(op.add(x, one)), below))
-    if kind == "relu":
-        return bb.emit(op.nn.relu(x))
-    if kind == "favor":
-        count = int(weight.ty.shape[-1])
-        projected = bb.emit(op.matmul(x, weight))
-        square = bb.emit(op.sum(bb.emit(op.multiply(x, x)), axis=[-1], keepdims=True))
-        exponent = bb.emit(op.subtract(projected, bb.emit(op.multiply(square, relax.const(np.float32(0.5))))))
-        axes = [-1] if role == "query" else [-2, -1]
-        stabilizer = bb.emit(op.max(exponent, axis=axes, keepdims=True))
-        features = bb.emit(op.exp(bb.emit(op.subtract(exponent, stabilizer))))
-        return bb.emit(op.multiply(features, relax.const(np.float32(1.0 / np.sqrt(count)), "float32")))
-    z = bb.emit(op.add(bb.emit(op.matmul(x, weight)), bias))
-    positive = softmax(bb, z)
-    negative = softmax(bb, bb.emit(op.negative(z)))
-    return bb.emit(op.concat([positive, negative], axis=-1))

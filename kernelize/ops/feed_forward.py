@@ -47,24 +47,6 @@ class FeedForward(Operator):
             h = tape.op("Gelu", [h], {"approximate": "tanh" if act == "gelu_tanh" else "none"})
         return [tape.op("Add", [tape.op("MatMul", [h, w2]), b2])]
 
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: two matmuls with bias; the activation stays elementwise so that
-        operator fusion makes it the first matmul's epilogue."""
-        from tvm import relax
-
-        from kernelize.backends.tvm import gelu, linear
-
-        x, w1, b1, w2, b2 = inputs
-        act = attrs["activation"]
-        h = linear(bb, x, w1, b1)
-        if act == "relu":
-            h = bb.emit(relax.op.nn.relu(h))
-        elif act in ("gelu", "gelu_tanh"):
-            h = gelu(bb, h, "tanh" if act == "gelu_tanh" else "none")
-        else:
-            raise ValueError(f"unknown activation {act!r}")
-        return linear(bb, h, w2, b2)
-
     def lower_ort(self, node, graph):
         x, w1, b1, w2, b2 = function_inputs(node, self)
         act = node.attributes["activation"].value

@@ -22,14 +22,3 @@ class GatedFeedForward(Operator):
         g = tape.op("MatMul", [x, w_gate])
         h = tape.op("Mul", [tape.op("Mul", [g, tape.op("Sigmoid", [g])]), tape.op("MatMul", [x, w_up])])
         return [tape.op("MatMul", [h, w_down])]
-
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: silu(x Wg) * (x Wu), then the down projection."""
-        from tvm import relax
-
-        from kernelize.backends.tvm import linear
-
-        x, w_gate, w_up, w_down = inputs
-        gate = bb.emit(relax.op.nn.silu(linear(bb, x, w_gate)))
-        h = bb.emit(relax.op.multiply(gate, linear(bb, x, w_up)))
-        return linear(bb, h, w_down)

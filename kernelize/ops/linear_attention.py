@@ -27,7 +27,8 @@ Cost: the non-causal form contracts ``phi(K)^T [V 1]`` first (``[M, Dv+1]`` per 
 form inside it (``L x L``) plus ``phi(Q_c)`` times the exclusive prefix sum over earlier
 chunks of the per-chunk states ``phi(K_c)^T [V_c 1]``; no per-position ``[M, Dv]`` state
 is materialized. In the ONNX body the normalizer rides along as the extra ones column of
-``[V 1]``; the TVM lowering carries it separately (see ``_lower_linear``).
+``[V 1]``; the TVM lowering carries it separately (see
+``kernelize/backends/tvm/lower/linear_attention.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 from kernelize.ops import feature_maps
 from kernelize.ops.attention import emit_sdpa, softmax
-from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
+from kernelize.ops.base import Operator, const, emit_length_dispatch
 
 FEATURE_MAPS = feature_maps.FEATURE_MAPS + ("cosformer",)
 EPSILON = 1e-6  # added to the normalizer: relu / cosformer features can make it zero
@@ -47,7 +48,7 @@ MASKED = -1e4  # a bias at or below this drops the key
 CAUSAL_BIAS = -1e9  # the exact branch's causal mask
 
 
-def _check_map(kind: str) -> None:
+def check_map(kind: str) -> None:
     if kind not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {kind!r}; expected one of {FEATURE_MAPS}")
 
@@ -60,7 +61,7 @@ def cosformer_angles(positions: int, span: int) -> np.ndarray:
 
 def reference_features(kind, query, key, weight=None, bias=None):
     """phi(Q), phi(K) (float64) of already scaled queries and keys."""
-    _check_map(kind)
+    check_map(kind)
     if kind != "cosformer":
         return (feature_maps.reference(kind, query, "query", weight, bias),
                 feature_maps.reference(kind, key, "key", weight, bias))
@@ -113,7 +114,7 @@ class LinearAttention(Operator):
     def body(self, tape, inputs, attrs):
         query, key, value, bias, weight, feature_bias = inputs
         kind, scale, causal = attrs["feature_map"], float(attrs["scale"]), int(attrs.get("causal", 0))
-        _check_map(kind)
+        check_map(kind)
 
         def exact(t):
             mask = bias
@@ -126,18 +127,6 @@ class LinearAttention(Operator):
             return _emit_linear(t, kind, query, key, value, bias, weight, feature_bias, scale, causal)
 
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
-
-    # -- TVM ----------------------------------------------------------------------------------
-    def lower_tvm(self, bb, inputs, attrs):
-        """Relax ops (legalized to TIR kernels and scheduled by the CPU rules): the same
-        contraction order and chunking as the ONNX body, with shapes static."""
-        query, key, value, bias, weight, feature_bias = inputs
-        kind, scale, causal = attrs["feature_map"], float(attrs["scale"]), int(attrs.get("causal", 0))
-        _check_map(kind)
-        return lower_length_dispatch(
-            query, int(attrs.get("exact_below", 0)),
-            lambda: _lower_exact(bb, query, key, value, bias, scale, causal),
-            lambda: _lower_linear(bb, kind, query, key, value, bias, weight, feature_bias, scale, causal))
 
 
 # -- ONNX helpers -----------------------------------------------------------------------------
@@ -221,101 +210,3 @@ def _emit_causal_chunks(tape, phi_q, phi_k, value_one):
     flat = tape.op("Reshape", [total, tape.op("Concat", [i64([0, 0, -1]), tape.op("Shape", [value_one], {"start": -1})],
                                               {"axis": 0})])
     return tape.op("Slice", [flat, i64([0]), length, i64([2])])
-
-
-# -- TVM helpers ------------------------------------------------------------------------------
-def _dims(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape]
-
-
-def _f32(value):
-    from tvm import relax
-
-    return relax.const(np.asarray(value, np.float32), "float32")
-
-
-def _lower_exact(bb, query, key, value, bias, scale, causal):
-    from tvm import relax
-
-    from kernelize.backends.tvm import sdpa
-
-    if causal:
-        sq, sk = _dims(query)[-2], _dims(key)[-2]
-        mask = _f32(np.triu(np.full((sq, sk), CAUSAL_BIAS), 1))
-        bias = mask if bias is None else bb.emit(relax.op.add(bias, mask))
-    key_t = bb.emit(relax.op.permute_dims(key, [0, 1, 3, 2]))
-    return sdpa(bb, query, key_t, value, bias, scale)
-
-
-def _lower_features(bb, kind, query, key, weight, bias):
-    from tvm import relax
-
-    if kind != "cosformer":
-        return (feature_maps.lower_tvm(bb, kind, query, "query", weight, bias),
-                feature_maps.lower_tvm(bb, kind, key, "key", weight, bias))
-    span = max(_dims(query)[-2], _dims(key)[-2])
-    result = []
-    for x in (query, key):
-        angle = cosformer_angles(_dims(x)[-2], span)[:, None]
-        relu = bb.emit(relax.op.nn.relu(x))
-        result.append(bb.emit(relax.op.concat([bb.emit(relax.op.multiply(relu, _f32(np.cos(angle)))),
-                                               bb.emit(relax.op.multiply(relu, _f32(np.sin(angle))))], axis=-1)))
-    return tuple(result)
-
-
-def _lower_linear(bb, kind, query, key, value, bias, weight, feature_bias, scale, causal):
-    """Numerator and normalizer are carried separately here (not as a ``[V 1]`` column as in
-    the ONNX body): products of width Dv + 1 would miss the CPU matmul schedule's
-    vectorization (about 5x slower at S = 1024)."""
-    from tvm import relax
-
-    op = relax.op
-    root = _f32(math.sqrt(scale))
-    phi_q, phi_k = _lower_features(bb, kind, bb.emit(op.multiply(query, root)), bb.emit(op.multiply(key, root)),
-                                   weight, feature_bias)
-    if bias is not None:
-        peak = bb.emit(op.max(bias, axis=[-2], keepdims=True))
-        keep = bb.emit(op.astype(bb.emit(op.greater(peak, _f32(MASKED))), "float32"))
-        phi_k = bb.emit(op.multiply(phi_k, bb.emit(op.permute_dims(keep, [0, 1, 3, 2]))))
-    if causal:
-        numerator, normalizer = _lower_causal_chunks(bb, phi_q, phi_k, value)
-    else:
-        state = bb.emit(op.matmul(bb.emit(op.permute_dims(phi_k, [0, 1, 3, 2])), value))  # [B, H, M, Dv]
-        key_sum = bb.emit(op.sum(phi_k, axis=[-2], keepdims=True))  # [B, H, 1, M]
-        numerator = bb.emit(op.matmul(phi_q, state))
-        normalizer = bb.emit(op.sum(bb.emit(op.multiply(phi_q, key_sum)), axis=[-1], keepdims=True))
-    return bb.emit(op.divide(numerator, bb.emit(op.add(normalizer, _f32(EPSILON)))))
-
-
-def _lower_causal_chunks(bb, phi_q, phi_k, value):
-    """The chunked causal form with static shapes, chunks laid out [B * H, C, L, width].
-    Returns (numerator [B, H, S, Dv], normalizer [B, H, S, 1])."""
-    from tvm import relax
-
-    op = relax.op
-    batch, heads, seq, _ = _dims(phi_q)
-    chunk = min(CHUNK, seq)
-    pad = (-seq) % chunk
-    count = (seq + pad) // chunk
-
-    def chunked(x):
-        width = _dims(x)[-1]
-        if pad:
-            x = bb.emit(op.concat([x, bb.emit(op.zeros((batch, heads, pad, width), "float32"))], axis=2))
-        return bb.emit(op.reshape(x, (batch * heads, count, chunk, width)))
-
-    def unchunked(x):
-        x = bb.emit(op.reshape(x, (batch, heads, count * chunk, _dims(x)[-1])))
-        return bb.emit(op.strided_slice(x, axes=[2], begin=[0], end=[seq])) if pad else x
-
-    q4, k4, v4 = chunked(phi_q), chunked(phi_k), chunked(value)
-    k4_t = bb.emit(op.permute_dims(k4, [0, 1, 3, 2]))
-    inside = bb.emit(op.tril(bb.emit(op.matmul(q4, k4_t))))  # [BH, C, L, L]
-    states = bb.emit(op.matmul(k4_t, v4))  # [BH, C, M, Dv]
-    earlier = bb.emit(op.cumsum(states, axis=1, exclusive=True))
-    numerator = bb.emit(op.add(bb.emit(op.matmul(inside, v4)), bb.emit(op.matmul(q4, earlier))))
-    key_sums = bb.emit(op.sum(k4, axis=[2], keepdims=True))  # [BH, C, 1, M]
-    earlier_sums = bb.emit(op.cumsum(key_sums, axis=1, exclusive=True))
-    normalizer = bb.emit(op.add(bb.emit(op.sum(inside, axis=[-1], keepdims=True)),
-                                bb.emit(op.sum(bb.emit(op.multiply(q4, earlier_sums)), axis=[-1], keepdims=True))))
-    return unchunked(numerator), unchunked(normalizer)

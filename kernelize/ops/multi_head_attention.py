@@ -52,33 +52,6 @@ class MultiHeadAttention(Operator):
         merged = tape.op("Transpose", [out], {"perm": [0, 2, 1, 3]})
         return [tape.op("Reshape", [merged, const(tape, [0, 0, -1], np.int64)])]
 
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: three projections (the scale folded into Q's weight and bias, which
-        constant folding does once for constant weights), heads split with K directly in
-        [B, H, D, Sk] layout, attention, heads merged."""
-        from tvm import relax
-
-        from kernelize.backends.tvm import linear, sdpa
-
-        xq, xk, xv, wq, bq, wk, bk, wv, bv, bias = inputs
-        heads, scale = attrs["num_heads"], attrs["scale"]
-        c = relax.const(np.float32(scale), "float32")
-        wq, bq = bb.emit(relax.op.multiply(wq, c)), bb.emit(relax.op.multiply(bq, c))
-
-        def split(x, w, b, perm):
-            y = linear(bb, x, w, b)
-            batch, seq, width = y.ty.shape
-            y = bb.emit(relax.op.reshape(y, [batch, seq, heads, width // heads]))
-            return bb.emit(relax.op.permute_dims(y, perm))
-
-        q = split(xq, wq, bq, [0, 2, 1, 3])
-        k_t = split(xk, wk, bk, [0, 2, 3, 1])
-        v = split(xv, wv, bv, [0, 2, 1, 3])
-        out = sdpa(bb, q, k_t, v, bias, None)
-        merged = bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))
-        batch, seq, _, _ = merged.ty.shape
-        return bb.emit(relax.op.reshape(merged, [batch, seq, -1]))
-
     def lower_ort(self, node, graph):
         xq, xk, xv, wq, bq, wk, bk, wv, bv, bias = function_inputs(node, self)
         weights = [const_array(v) for v in (wq, wk, wv, bq, bk, bv)]
@@ -114,7 +87,6 @@ class MultiHeadAttention(Operator):
             return False
         swap_in(graph, node, [*extra, new])
         return True
-
 
 
 def _full_bias(bias: ir.Value, x: ir.Value) -> bool:

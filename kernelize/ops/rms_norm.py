@@ -26,13 +26,6 @@ class RMSNorm(Operator):
         rms = tape.op("Sqrt", [tape.op("Add", [mean_sq, const(tape, attrs["epsilon"])])])
         return [tape.op("Mul", [tape.op("Div", [x, rms]), weight])]
 
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: ``nn.rms_norm`` over the last axis."""
-        from tvm import relax
-
-        x, weight = inputs
-        return bb.emit(relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=attrs["epsilon"]))
-
     def lower_ort(self, node, graph):
         x, weight = function_inputs(node, self)
         new = ir.Node("", "SimplifiedLayerNormalization", [x, weight], num_outputs=1,

@@ -39,17 +39,6 @@ class SkipLayerNorm(Operator):
         y = tape.op("LayerNormalization", args, {"axis": -1, "epsilon": attrs["epsilon"], "stash_type": 1})
         return [y, total]
 
-    def lower_tvm(self, bb, inputs, attrs):
-        """TVM Relax: the sum and ``nn.layer_norm`` (no beta: a zero one)."""
-        from tvm import relax
-
-        x, skip, gamma, beta = inputs
-        total = bb.emit(relax.op.add(x, skip))
-        if beta is None:
-            beta = bb.emit(relax.op.zeros_like(gamma))
-        y = bb.emit(relax.op.nn.layer_norm(total, gamma, beta, axes=[-1], epsilon=attrs["epsilon"]))
-        return [y, total]
-
     def lower_ort(self, node, graph):
         x, skip, gamma, beta = function_inputs(node, self)
         if gamma.shape is None or len(gamma.shape) != 1:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernelize.ops.base import Operator, emit_length_dispatch, lower_length_dispatch
+from kernelize.ops.base import Operator, emit_length_dispatch
 from kernelize.ops.block_sparse_attention import (Band, _i64, band_cost, emit_band_attention, emit_exact,
-                                                  exact_reference, lower_band_attention, lower_exact,
-                                                  masked_attention_reference)
+                                                  exact_reference, masked_attention_reference)
 
 
 def window_block(window: int, causal: bool = False) -> int:
@@ -50,10 +49,10 @@ def sliding_window_allowed(seq: int, window: int, sinks: int, causal: bool) -> n
     """[seq, seq] bool: the rule of the module docstring."""
     i = np.arange(seq)[:, None]
     j = np.arange(seq)[None, :]
-    return _window_rule(i, j, window, sinks, causal)
+    return window_rule(i, j, window, sinks, causal)
 
 
-def _window_rule(i, j, window: int, sinks: int, causal: bool):
+def window_rule(i, j, window: int, sinks: int, causal: bool):
     if causal:
         return ((i - j >= 0) & (i - j < window)) | ((j < sinks) & (j <= i))
     return (np.abs(i - j) < window) | (j < sinks)
@@ -79,7 +78,7 @@ class SlidingWindowAttention(Operator):
         return masked_attention_reference(query, key, value, bias, scale, allowed)
 
     @staticmethod
-    def _settings(attrs):
+    def settings(attrs):
         window = int(attrs.get("window", 128))
         if window < 1:
             raise ValueError(f"SlidingWindowAttention: window must be >= 1, not {window}")
@@ -87,7 +86,7 @@ class SlidingWindowAttention(Operator):
 
     def body(self, tape, inputs, attrs):
         query, key, value, bias = inputs
-        scale, causal, window, sinks = self._settings(attrs)
+        scale, causal, window, sinks = self.settings(attrs)
 
         def rule(t, qpos, kpos):
             offset = t.op("Sub", [qpos, kpos])
@@ -107,13 +106,3 @@ class SlidingWindowAttention(Operator):
         approximate = lambda t: emit_band_attention(t, query, key, value, bias, scale, band, rule)  # noqa: E731
         exact = lambda t: emit_exact(t, query, key, value, bias, scale, causal)  # noqa: E731
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
-
-    def lower_tvm(self, bb, inputs, attrs):
-        query, key, value, bias = inputs
-        scale, causal, window, sinks = self._settings(attrs)
-        band = window_band(window, sinks, causal)
-        rule = lambda i, j: _window_rule(i, j, window, sinks, causal)  # noqa: E731
-        approximate = lambda: lower_band_attention(bb, query, key, value, bias, scale, band, rule,  # noqa: E731
-                                                   self.name)
-        exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)

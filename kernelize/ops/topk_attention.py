@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernelize.ops.base import Operator, const, emit_length_dispatch, lower_length_dispatch
-from kernelize.ops.block_sparse_attention import (MASKED_BIAS, NEG, _bias_or_neg, _dim, _i64, _row_has_key,
-                                                  _row_has_key_tvm, _scalar, _shape, causal_mask, emit_exact,
-                                                  exact_reference, lower_exact,
+from kernelize.ops.base import Operator, const, emit_length_dispatch
+from kernelize.ops.block_sparse_attention import (MASKED_BIAS, _bias_or_neg, _dim, _i64, _row_has_key, _scalar,
+                                                  causal_mask, emit_exact, exact_reference,
                                                   masked_attention_reference)
 
 
@@ -57,7 +56,7 @@ class TopKAttention(Operator):
         return masked_attention_reference(query, key, value, bias, scale, chosen)
 
     @staticmethod
-    def _settings(attrs):
+    def settings(attrs):
         top_k = int(attrs.get("top_k", 64))
         if top_k < 1:
             raise ValueError(f"TopKAttention: top_k must be >= 1, not {top_k}")
@@ -65,7 +64,7 @@ class TopKAttention(Operator):
 
     def body(self, tape, inputs, attrs):
         query, key, value, bias = inputs
-        scale, causal, top_k = self._settings(attrs)
+        scale, causal, top_k = self.settings(attrs)
 
         def approximate(t):
             key_t = t.op("Transpose", [key], {"perm": [0, 1, 3, 2]})
@@ -96,49 +95,3 @@ class TopKAttention(Operator):
 
         exact = lambda t: emit_exact(t, query, key, value, bias, scale, causal)  # noqa: E731
         return [emit_length_dispatch(tape, query, int(attrs.get("exact_below", 0)), exact, approximate)]
-
-    def lower_tvm(self, bb, inputs, attrs):
-        query, key, value, bias = inputs
-        scale, causal, top_k = self._settings(attrs)
-
-        def approximate():
-            from tvm import relax, te, topi
-
-            from kernelize.backends.tvm import softmax as te_softmax
-
-            op = relax.op
-            batch, heads, seq, _ = _shape(query)
-            seq_k, head_v = _shape(key)[2], _shape(value)[3]
-            k = min(top_k, seq_k)
-            key_t = bb.emit(op.permute_dims(key, [0, 1, 3, 2]))
-            scores = bb.emit(op.matmul(query, key_t))
-            scores = bb.emit(op.multiply(scores, relax.const(np.float32(scale), "float32")))
-            mask = None
-            if causal:
-                mask = relax.const(np.where(np.tril(np.ones((seq, seq_k), bool)), 0.0, NEG).astype(np.float32),
-                                   "float32")
-            if bias is not None:
-                padding = bb.emit(op.where(op.greater(bias, relax.const(np.float32(MASKED_BIAS), "float32")), bias,
-                                           relax.const(np.float32(NEG), "float32")))
-                mask = padding if mask is None else bb.emit(op.add(padding, mask))
-            if mask is not None:
-                scores = bb.emit(op.add(scores, mask))
-            chosen = bb.emit_te(topi.topk, scores, k, -1, "both", False, "int32", primfunc_name_hint="topk")
-            best = bb.emit(relax.TupleGetItem(chosen, 0))
-            index = bb.emit(relax.TupleGetItem(chosen, 1))
-            probs = te_softmax(bb, best)
-
-            def gather_reduce(p, idx, v):
-                m = te.reduce_axis((0, k), "m")
-                return te.compute((batch, heads, seq, head_v),
-                                  lambda n, h, i, d: te.sum(p[n, h, i, m] * v[n, h, idx[n, h, i, m], d], axis=m),
-                                  name="topk_pv")
-
-            out = bb.emit_te(gather_reduce, probs, index, value, primfunc_name_hint="topk_pv")
-            if bias is not None:
-                out = bb.emit(op.multiply(out, _row_has_key_tvm(bb, mask)))
-            return out
-
-        exact = lambda: lower_exact(bb, query, key, value, bias, scale, causal)  # noqa: E731
-        return lower_length_dispatch(query, int(attrs.get("exact_below", 0)), exact, approximate)
-

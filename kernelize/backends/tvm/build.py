@@ -1,19 +1,18 @@
-"""TVM backend: kernelize's fused model (before ONNX Runtime lowering) -> Apache TVM Relax
--> compiled code for a target preset (``cpu``, ``cuda``, ``arm64`` or a TVM target JSON).
+"""Compile kernelize's fused model with TVM: ``build`` (import, legalize and fuse, schedule,
+``relax.build``), MetaSchedule tuning with a persistent database (``tune``), and the checks
+against ONNX Runtime (``compare_with_onnx``, ``benchmark``).
 
 Flow::
 
-    onnx_ir model --(relax ONNX frontend; kernelize ops through Operator.lower_tvm)--> Relax
+    onnx_ir model --frontend.to_relax (kernelize ops through their registered lowerings)--> Relax
       --LegalizeOps, FoldConstant, FuseOps, FuseTIR--> PrimFuncs
-      --schedules: cpu -> kernelize.backends.tvm_schedule (own matmul rule + dlight CPU rules)
+      --schedules: cpu -> kernelize.backends.tvm.schedules (own matmul rule + dlight CPU rules)
                    gpu -> dlight GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback)
                    tune_trials > 0 -> MetaSchedule, database in tuning_db, reused next time
       --relax.build--> Built (export_library, run)
 
-Shapes are specialized at build time: the model's symbolic axes become ``shape["batch"]``
-(axis 0) and ``shape["seq"]`` (any other symbolic axis), as ``kernelize.passes.verify``
-feeds them. Static shapes let the matmul schedule pick exact tiles; a built module runs
-only at its shape (``Built.shapes`` records it; ``run`` checks it).
+Static shapes let the matmul schedule pick exact tiles; a built module runs only at its
+shape (``Built.shapes`` records it; ``run`` checks it).
 """
 
 from __future__ import annotations
@@ -21,230 +20,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from kernelize import ops
 from kernelize.backends import targets as targets_mod
-from kernelize.errors import KernelizeError, UsageError
+from kernelize.backends.tvm.frontend import to_relax
+from kernelize.errors import KernelizeError
 
-DEFAULT_SHAPE = {"batch": 1, "seq": 128}
-_OP_PREFIX = "kernelize__"  # kernelize nodes are renamed to this + op name before import
-_FRONTEND_LOCK = threading.Lock()
-
-
-# -- relax helpers shared by the operators' lower_tvm ------------------------------------
-def linear(bb, x, w, b=None):
-    """``x @ w (+ b)`` as Relax bindings (the bias add becomes the matmul's epilogue)."""
-    from tvm import relax
-
-    y = bb.emit(relax.op.matmul(x, w))
-    return bb.emit(relax.op.add(y, b)) if b is not None else y
+if TYPE_CHECKING:
+    from kernelize.deploy.runner import TvmVM
 
 
-def softmax(bb, x):
-    """Softmax over the last axis in TE: max, ``fast_exp`` (TVM's vectorizable polynomial,
-    relative error < 3e-7; ``exp`` becomes a scalar libm call per element on CPU), sum, scale."""
-    from tvm import te, topi
-
-    def compute(data):
-        *lead, width = data.shape
-        k = te.reduce_axis((0, width), "k")
-        peak = te.compute(lead, lambda *i: te.max(data[(*i, k)], axis=k), name="softmax_max")
-        shifted = te.compute(data.shape, lambda *i: data[i] - peak[i[:-1]], name="softmax_shift")
-        e = topi.fast_exp(shifted)
-        k2 = te.reduce_axis((0, width), "k2")
-        total = te.compute(lead, lambda *i: te.sum(e[(*i, k2)], axis=k2), name="softmax_sum")
-        inverse = te.compute(lead, lambda *i: np.float32(1.0) / total[i], name="softmax_inv")
-        return te.compute(data.shape, lambda *i: e[i] * inverse[i[:-1]], name="softmax_norm")
-
-    return bb.emit_te(compute, x, primfunc_name_hint="softmax_fast")
-
-
-def gelu(bb, x, approximate: str = "none"):
-    """GELU in TE with TVM's vectorizable ``fast_erf`` / ``fast_tanh`` (relative error < 4e-7;
-    the plain ``erf`` is a scalar libm call per element on CPU)."""
-    from tvm import te, topi
-
-    def compute(data):
-        if approximate == "tanh":
-            c = np.float32(np.sqrt(2.0 / np.pi))
-            inner = te.compute(data.shape, lambda *i: c * (data[i] + np.float32(0.044715) * data[i] * data[i] * data[i]),
-                               name="gelu_inner")
-            t = topi.fast_tanh(inner)
-        else:
-            inner = te.compute(data.shape, lambda *i: data[i] * np.float32(1 / np.sqrt(2.0)), name="gelu_inner")
-            t = topi.fast_erf(inner)
-        return te.compute(data.shape, lambda *i: np.float32(0.5) * data[i] * (np.float32(1.0) + t[i]), name="gelu")
-
-    return bb.emit_te(compute, x, primfunc_name_hint="gelu_tanh" if approximate == "tanh" else "gelu")
-
-
-def sdpa(bb, query, key_t, value, bias, scale):
-    """softmax(Q K^T * scale + bias) V with ``key_t`` already [B, H, D, Sk] (``scale`` None:
-    already folded into Q)."""
-    from tvm import relax
-
-    op = relax.op
-    scores = bb.emit(op.matmul(query, key_t))
-    if scale is not None:
-        scores = bb.emit(op.multiply(scores, relax.const(np.float32(scale), "float32")))
-    if bias is not None:
-        scores = bb.emit(op.add(scores, bias))
-    probs = softmax(bb, scores)
-    return bb.emit(op.matmul(probs, value))
-
-
-# -- import ----------------------------------------------------------------------------
-def _converter(op: ops.Operator):
-    from tvm import relax
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    class KernelizeOp(onnx_frontend.OnnxOpConverter):
-        """One kernelize operator: its ``lower_tvm`` (never the ONNX function body)."""
-
-        @classmethod
-        def _impl_v1(cls, bb, inputs, attr, params):
-            args = [inputs[i] for i in range(len(op.inputs))]
-            attrs = {}
-            for name, kind in op.attributes.items():
-                if name in attr:
-                    value = attr[name]
-                    attrs[name] = value.decode() if isinstance(value, bytes) else kind(value)
-            out = op.lower_tvm(bb, args, attrs)
-            if isinstance(out, (list, tuple)):
-                return out[0] if len(out) == 1 else relax.Tuple(list(out))
-            return out
-
-    KernelizeOp.__name__ = f"Kernelize{op.name}"
-    return KernelizeOp
-
-
-@contextlib.contextmanager
-def _kernelize_converters():
-    """The relax ONNX frontend's convert map, extended with the kernelize operators (under
-    their renamed op types, so no frontend converter of the same name is shadowed)."""
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    extra = {_OP_PREFIX + name: _converter(op) for name, op in ops.registered().items()
-             if hasattr(op, "lower_tvm")}
-    with _FRONTEND_LOCK:
-        original = onnx_frontend._get_convert_map
-        onnx_frontend._get_convert_map = lambda: {**original(), **extra}
-        try:
-            yield
-        finally:
-            onnx_frontend._get_convert_map = original
-
-
-def _prepare_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model for the frontend: kernelize nodes renamed (the frontend ignores
-    domains) and their inputs aligned to the schema ('' for an absent optional input)."""
-    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    known = ops.registered()
-    for node in proto.graph.node:
-        if node.domain != ops.DOMAIN:
-            continue
-        if node.op_type not in known:
-            raise KernelizeError(f"unknown kernelize operator {node.op_type!r}")
-        if not hasattr(known[node.op_type], "lower_tvm"):
-            raise KernelizeError(f"kernelize operator {node.op_type} has no TVM lowering (lower_tvm)")
-        mask = node.overload.rsplit("_", 1)[-1] if node.overload else ""
-        if mask and set(mask) <= {"0", "1"} and mask.count("1") == len(node.input):
-            it = iter(list(node.input))
-            aligned = [next(it) if flag == "1" else "" for flag in mask]
-            del node.input[:]
-            node.input.extend(aligned)
-        node.op_type = _OP_PREFIX + node.op_type
-        node.domain = ""
-    del proto.functions[:]  # the TVM path never inlines the function bodies
-    return proto
-
-
-def input_shapes(model: ir.Model | onnx.ModelProto, shape: dict | None) -> dict[str, list[int]]:
-    """Concrete input shapes: symbolic axis 0 -> shape["batch"], other symbolic axes ->
-    shape["seq"] (or a value given by the axis's own symbol name)."""
-    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    initializers = {t.name for t in proto.graph.initializer}
-    symbols = {d.dim_param for v in proto.graph.input if v.name not in initializers
-               for d in v.type.tensor_type.shape.dim if d.dim_param}
-    unknown = sorted(set(shape or {}) - set(DEFAULT_SHAPE) - symbols)
-    if unknown:
-        raise UsageError(f"--shape names {', '.join(unknown)}, which the model does not have (use "
-                         f"{', '.join(sorted(set(DEFAULT_SHAPE) | symbols))})")
-    shape = {**DEFAULT_SHAPE, **(shape or {})}
-    result = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        dims = []
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.dim_param and dim.dim_param in shape:
-                dims.append(int(shape[dim.dim_param]))
-            else:
-                dims.append(int(shape["batch"] if axis == 0 else shape["seq"]))
-        result[value.name] = dims
-    return result
-
-
-def specialize(model: ir.Model | onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` with static input shapes and the shape computations that depend
-    on them folded (the mask's Shape/Range/Expand chain): the frontend then sees constants
-    instead of data-dependent shapes."""
-    from onnxscript import optimizer
-
-    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    copy = ir.from_proto(proto)
-    for value in copy.graph.inputs:
-        if value.name in shapes:
-            value.shape = ir.Shape(shapes[value.name])
-    for node in copy.graph:
-        for out in node.outputs:
-            if not out.is_graph_output():
-                out.shape = None  # inferred again from the static inputs
-    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding_log.level
-    folding_log.setLevel(logging.ERROR)  # a node it cannot fold stays; the frontend handles it
-    try:
-        optimizer.fold_constants(copy)
-    finally:
-        folding_log.setLevel(level)
-    ir.passes.common.RemoveUnusedNodesPass()(copy)
-    return ir.to_proto(copy)
-
-
-def to_relax(model: ir.Model | onnx.ModelProto, shape: dict | None = None):
-    """The Relax IRModule of ``model`` with its inputs specialized to ``shape``."""
-    import warnings
-
-    from tvm.relax.frontend.onnx import from_onnx
-
-    shapes = input_shapes(model, shape)
-    proto = _prepare_proto(specialize(model, shapes))
-    with _kernelize_converters(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False), shapes
-        except KernelizeError:
-            raise
-        except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-            lines = [l for l in str(err).strip().splitlines() if l.strip()]
-            raise KernelizeError(f"TVM cannot import the model: {lines[-1] if lines else type(err).__name__}") \
-                from err
-
-
-# -- compile ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class Built:
     """A compiled model: ``export_library(path)``, and ``run(inputs)`` where the target is
@@ -258,7 +50,7 @@ class Built:
     timings: dict[str, float]
     schedules: dict[str, str]  # PrimFunc name -> the rule that scheduled it ("tuned": from the database)
     tuning: dict | None = None
-    _runner: "Runner | None" = dataclasses.field(default=None, repr=False)
+    _runner: "TvmVM | None" = dataclasses.field(default=None, repr=False)
 
     def metadata(self) -> dict:
         return {"format": "kernelize-tvm/1", "target": self.target.name, "target_json": self.target.config,
@@ -266,7 +58,7 @@ class Built:
 
     def export_library(self, path: str | os.PathLike) -> Path:
         """Write the compiled library (``.so``; ``.tar`` for object files to link elsewhere)
-        and ``<path>.json`` with its inputs, outputs and shapes (what ``load`` reads).
+        and ``<path>.json`` with its inputs, outputs and shapes (``metadata()``).
         Cross targets link with their cross compiler (arm64: aarch64-linux-gnu-gcc)."""
         from tvm.support import cc
 
@@ -286,107 +78,20 @@ class Built:
         Path(str(path) + ".json").write_text(json.dumps(self.metadata(), indent=1))
         return path
 
-    def runner(self, device: str = "cpu", threads: int | None = None) -> "Runner":
-        """A VM over the compiled module (cached). ``threads`` sizes TVM's CPU thread pool, which
-        is process-wide and fixed once it has run (see ``_set_threads``)."""
+    def runner(self, device: str = "cpu", threads: int | None = None) -> "TvmVM":
+        """A VM over the compiled module (cached): ``kernelize.deploy.runner.TvmVM``, the one
+        that also runs deployed artifacts. ``threads`` sizes TVM's CPU thread pool, which is
+        process-wide and fixed once it has run (see ``kernelize.deploy.runner.set_tvm_threads``)."""
+        from kernelize.deploy.runner import TvmVM
+
         if not self.target.runs_here:
             raise KernelizeError(f"code built for target {self.target.name} cannot run on this machine")
         if self._runner is None or threads:
-            self._runner = Runner(self.executable, self.metadata(), device, threads)
+            self._runner = TvmVM(self.executable, self.inputs, device, threads)
         return self._runner
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner().run(inputs)
-
-
-class Runner:
-    """A relax VirtualMachine over a built or loaded module."""
-
-    def __init__(self, module, meta: dict, device: str = "cpu", threads: int | None = None):
-        import tvm
-        from tvm import relax
-
-        # the thread count TVM's kernels run on (None: left as the process has it)
-        self.threads = _set_threads(int(threads)) if threads else None
-        self.meta = meta
-        self.device = tvm.device(device) if isinstance(device, str) else device
-        self.vm = relax.VirtualMachine(module, self.device)
-        self._main = self.vm["main"]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [i["name"] for i in self.meta["inputs"]]
-
-    def arguments(self, inputs: dict[str, np.ndarray]) -> list:
-        import tvm
-
-        args = []
-        for spec in self.meta["inputs"]:
-            if spec["name"] not in inputs:
-                raise KernelizeError(f"missing input {spec['name']!r} (inputs: {', '.join(self.input_names)})")
-            array = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
-            if list(array.shape) != list(spec["shape"]):
-                raise KernelizeError(f"input {spec['name']!r} has shape {list(array.shape)}, but the module was "
-                                     f"built for {spec['shape']} (build again with that shape)")
-            args.append(tvm.runtime.tensor(array, self.device))
-        return args
-
-    def run_arguments(self, args: list) -> list[np.ndarray]:
-        _POOL["started"] = True
-        out = self._main(*args)
-        items = list(out) if not hasattr(out, "numpy") else [out]
-        return [item.numpy() for item in items]
-
-    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs (NumPy arrays, in the model's output order) for ``inputs`` (name -> array)."""
-        return self.run_arguments(self.arguments(inputs))
-
-    def latency_ms(self, inputs: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> dict[str, float]:
-        """Median and spread of ``runs`` timed calls (after ``warmup``), inputs already on the
-        device; the same statistics as ``kernelize.backends.ort.latency_ms``."""
-        args = self.arguments(inputs)
-        _POOL["started"] = True
-        for _ in range(warmup):
-            self._main(*args)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self._main(*args)
-            self.device.sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
-        return {"median_ms": float(np.median(times)), "p10_ms": times[len(times) // 10],
-                "p90_ms": times[(9 * len(times)) // 10], "runs": runs}
-
-
-_POOL = {"started": False}
-
-
-def _set_threads(threads: int) -> int:
-    """Run TVM's CPU kernels on ``threads`` threads in this process; returns the count they will
-    use (a pool already larger is shrunk, one already smaller warns: it needs a new process).
-    See ``kernelize.deploy.runner.set_tvm_threads`` for how TVM 0.27 sizes its pool."""
-    import tvm
-
-    from kernelize.deploy.runner import set_tvm_threads
-
-    return set_tvm_threads(tvm, threads)
-
-
-def load(path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> Runner:
-    """Load a library written by ``Built.export_library`` (with its ``.json`` beside it)."""
-    import tvm
-
-    path = Path(path)
-    meta_path = Path(str(path) + ".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise KernelizeError(f"{path} (and {meta_path.name} beside it) not found")
-    meta = json.loads(meta_path.read_text())
-    try:
-        module = tvm.runtime.load_module(str(path))
-    except Exception as err:  # noqa: BLE001
-        raise KernelizeError(f"cannot load {path}: {str(err).strip().splitlines()[-1]}") from err
-    return Runner(module, meta, device, threads)
 
 
 def compare_with_onnx(built: Built, reference: ir.Model | onnx.ModelProto, feeds: dict | None = None,
@@ -429,7 +134,7 @@ def build(model: ir.Model | onnx.ModelProto, target: str = "cpu", *, shape: dict
     """
     from tvm import relax
 
-    from kernelize.backends import tvm_schedule
+    from kernelize.backends.tvm import schedules
 
     say = _say(progress)
     preset = targets_mod.resolve(target)
@@ -452,7 +157,7 @@ def build(model: ir.Model | onnx.ModelProto, target: str = "cpu", *, shape: dict
     with tvm_target:
         mod = relax.get_pipeline("zero")(mod)
     timings["fuse_s"] = time.perf_counter() - t
-    rules = tvm_schedule.gpu_rules() if preset.kind == "gpu" else tvm_schedule.default_rules(tvm_target)
+    rules = schedules.gpu_rules() if preset.kind == "gpu" else schedules.default_rules(tvm_target)
     tuning = None
     if tune_trials:
         t = time.perf_counter()
@@ -460,7 +165,7 @@ def build(model: ir.Model | onnx.ModelProto, target: str = "cpu", *, shape: dict
         timings["tune_s"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"scheduling for {preset.name}")
-    mod, schedules = tvm_schedule.apply_rules(mod, tvm_target, rules)
+    mod, schedules = schedules.apply_rules(mod, tvm_target, rules)
     timings["schedule_s"] = time.perf_counter() - t
     t = time.perf_counter()
     say("compiling")
@@ -583,7 +288,6 @@ def _choose(task, database, chosen, target, rules, rounds: int = 3) -> dict:
             candidates["default"] = default
         func = workload_mod["main"]
         args = [tvm.runtime.tensor(_random_array(p)) for p in func.params]
-        _POOL["started"] = True
         timers = {name: tvm.compile(sch.mod, target=target).jit().time_evaluator("main", tvm.cpu(), number=5,
                                                                                   repeat=3, min_repeat_ms=20)
                   for name, sch in candidates.items()}
