@@ -340,15 +340,17 @@ def _verify(original, canonical, fused, final: ir.Model, sites, site_values):
     present = {v.name for node in final.graph for v in node.outputs}
     kept = [n for n in site_values if n in present]
     absorbed = [n for n in site_values if n not in present]
-    runs_original = verify.run_at_shapes(original, final)
-    runs_canonical = verify.run_at_shapes(canonical, final, site_values)
-    runs_final = verify.run_at_shapes(final, final, kept)
+    shapes = verify.accepted_shapes(original, final)
+    runs_original = verify.run_at_shapes(original, final, shapes=shapes)
+    runs_canonical = verify.run_at_shapes(canonical, final, site_values, shapes=shapes)
+    runs_final = verify.run_at_shapes(final, final, kept, shapes=shapes)
     site_errors = verify.errors(runs_canonical, runs_final, kept)
     if absorbed:
-        site_errors.update(verify.errors(runs_canonical, verify.run_at_shapes(fused, final, absorbed), absorbed))
+        site_errors.update(verify.errors(runs_canonical, verify.run_at_shapes(fused, final, absorbed, shapes=shapes),
+                                         absorbed))
     end_to_end = {"outputs": verify.errors(runs_original, runs_final, outputs),
                   "output_scale": verify.scale(runs_original, outputs),
-                  "shapes": [list(s) for s in verify.CHECK_SHAPES]}
+                  "shapes": [list(s) for s in shapes]}
     entries = []
     for s in sites:
         entry = s.describe()

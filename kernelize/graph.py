@@ -135,7 +135,7 @@ def shape_elements(value: ir.Value | None, depth: int = 0) -> list | None:
         if r is None:
             return None
         start, end = attr(node, "start", 0), attr(node, "end", r)
-        start, end = _clamp(start, r), _clamp(end, r)
+        start, end = clamp_index(start, r), clamp_index(end, r)
         dims = static_dims(source)
         return dims[start:end]
     if op == "Concat":
@@ -157,7 +157,7 @@ def shape_elements(value: ir.Value | None, depth: int = 0) -> list | None:
         ):
             return None
         n = len(data)
-        s, e = _clamp(int(starts.reshape(-1)[0]), n), _clamp(int(ends.reshape(-1)[0]), n)
+        s, e = clamp_index(int(starts.reshape(-1)[0]), n), clamp_index(int(ends.reshape(-1)[0]), n)
         return data[s:e]
     if op == "Gather":
         data = shape_elements(node.inputs[0], depth + 1)
@@ -168,7 +168,8 @@ def shape_elements(value: ir.Value | None, depth: int = 0) -> list | None:
     return None
 
 
-def _clamp(index: int, n: int) -> int:
+def clamp_index(index: int, n: int) -> int:
+    """A Slice or Shape bound (negative from the end) clamped into [0, n]."""
     if index < 0:
         index += n
     return max(0, min(index, n))

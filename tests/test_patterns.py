@@ -183,3 +183,67 @@ def test_canonicalize_composes_consecutive_transposes(second, expected):
     assert perms == expected
     after = ort_backend.run(ort_backend.session(model), feeds)["y"]
     np.testing.assert_array_equal(after, before)
+
+
+def _legacy_head_size_model():
+    """x [batch, seq, 8] divided by sqrt(x.size(-1)) the way the legacy exporter spells it
+    (Shape -> Gather -> Cast -> Sqrt), then reshaped by x.size(1) of an intermediate value."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("Shape", ["h"], ["shape"]),
+             helper.make_node("Gather", ["shape", "last"], ["size"], axis=0),
+             helper.make_node("Cast", ["size"], ["size_f"], to=TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["size_f"], ["root"]),
+             helper.make_node("Div", ["h", "root"], ["scaled"]),
+             helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),
+             helper.make_node("Unsqueeze", ["seq", "axis0"], ["seq_1"]),
+             helper.make_node("Concat", ["minus_one", "seq_1", "eight"], ["target"], axis=0),
+             helper.make_node("Reshape", ["scaled", "target"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(-1, np.int64), "last"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+             numpy_helper.from_array(np.array([8], np.int64), "eight")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_canonicalize_folds_static_dims_and_takes_sizes_from_the_inputs(tmp_path, monkeypatch):
+    """A static dim read at run time becomes a constant (the scale is then a scalar Mul); a
+    named dim of an intermediate is read from the graph input instead, so the intermediate
+    keeps its one real user; values unchanged. Shape inference writes nothing to the
+    working folder."""
+    from kernelize.backends import ort as ort_backend
+
+    monkeypatch.chdir(tmp_path)
+    proto = _legacy_head_size_model()
+    feeds = {"x": RNG.standard_normal((2, 5, 8)).astype(np.float32)}
+    before = ort_backend.run(ort_backend.session(proto), feeds)["y"]
+    model = load(proto)
+    counts = canonicalize(model)
+    assert counts.get("fold_static_shapes") and counts.get("shape_from_inputs"), counts
+    ops = [n.op_type for n in model.graph]
+    assert "Sqrt" not in ops and "Div" not in ops and "Mul" in ops, ops
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    assert [u.node.op_type for u in relu.outputs[0].uses()] == ["Mul"]
+    after = ort_backend.run(ort_backend.session(model), feeds)["y"]
+    np.testing.assert_allclose(after, before, rtol=1e-6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_masking_where_before_an_added_mask_is_attention():
+    """GPT-Neo: where(causal, Q·K^T, min) + padding mask -> one attention site, exact."""
+    shape = [1, 4, 4, 4]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+    inputs += [helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 4, 4]),
+               helper.make_tensor_value_info("pad", TensorProto.FLOAT, [1, 1, 1, 4])]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Where", ["keep", "scores", "neg"], ["causal"]),
+             helper.make_node("Add", ["causal", "pad"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+             helper.make_node("MatMul", ["probs", "v"], ["y"])]
+    proto = _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                   [_init("neg", np.finfo(np.float32).min)])
+    sites, misses = _sites(proto)
+    assert [s.kind for s in sites] == ["attention"], misses
+    assert sites[0].info["bias_terms"] == 2

@@ -79,3 +79,23 @@ def test_calibration_keeps_fixed_dimensions(tmp_path):
     section = result.report["approximate"]
     assert section["chosen"] == {"attention[0]": "linear:favor"}
     assert section["calibration_samples"]["fit"] >= 1 and 0 < section["held_out_error"] < float("inf")
+
+
+def test_lengths_grow_to_what_a_convolution_stack_needs():
+    """Audio through a kernel-25, stride-5 Conv needs 25 samples: the verification shapes
+    (lengths 7, 13, 32) are shifted up together, keeping distinct lengths, and latency's
+    default length moves up to the shortest that runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input_values", TensorProto.FLOAT, ["batch", "samples"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 25)).astype(np.float32), "w")
+    nodes = [helper.make_node("Unsqueeze", ["input_values", "one"], ["x3"]),
+             helper.make_node("Conv", ["x3", "w"], ["y"], strides=[5])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weight, numpy_helper.from_array(
+        np.array([1], np.int64), "one")]), opset_imports=[helper.make_opsetid("", 17)])
+    signature = ir.from_proto(proto)
+    shapes = verify.accepted_shapes(proto, signature)
+    lengths = [s for _, s in shapes]
+    assert lengths[0] == 25 and lengths == [25, 31, 50], shapes
+    assert verify.accepted_length(ort_backend.session(proto), signature, 7) == 25

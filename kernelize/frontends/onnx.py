@@ -6,6 +6,7 @@ data is loaded from the model's folder; a location that leaves that folder is re
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -39,11 +40,39 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as err:  # noqa: BLE001 - onnx raises several types
         raise KernelizeError(f"invalid ONNX model: {_first_line(err)}") from None
+    return ir.from_proto(infer_shapes(proto))
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes for every value, dims named after the inputs' where they provably are theirs.
+
+    ONNX Runtime's symbolic shape inference follows the legacy exporter's Shape/Gather/Concat
+    arithmetic, so a head split's ``[batch, sequence, heads, head_size]`` is known as such;
+    ONNX's own inference names each such dim anew (``unk__12``). Where the symbolic one
+    cannot (an op it does not know), ONNX's own is used. Like ONNX Runtime's transformers
+    optimizer it merges dims that broadcasting says are equal (``auto_merge``).
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:  # its infer_shapes() saves the partial model into the working folder when incomplete
+        inference = SymbolicShapeInference(2 ** 31 - 1, True, False, 0)
+        inference._preprocess(proto)
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+        if complete:
+            return inference.out_mp_
+    except Exception:  # noqa: BLE001 - it raises several types, and asserts
+        pass
+    finally:
+        quiet.level = level
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as err:  # noqa: BLE001
         raise KernelizeError(f"shape inference failed: {_first_line(err)}") from None
-    return ir.from_proto(proto)
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:

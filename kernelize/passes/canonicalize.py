@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from kernelize.graph import attr, const_array, only_user, producer, rank, same_shape, scalar_const, shape_elements, \
-    static_dims
+from kernelize.graph import attr, clamp_index, const_array, only_user, producer, rank, same_shape, scalar_const, \
+    shape_elements, static_dims
 from kernelize.ops.base import add_initializer
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "And", "Or", "Equal", "Sum"}
@@ -25,9 +25,13 @@ def canonicalize(model: ir.Model) -> dict[str, int]:
     # Constant folding only: onnxscript's default rewrite rules re-scan the graph per match,
     # which grows quadratically with depth; the rules below cover what matching needs.
     optimizer.fold_constants(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
     counts: dict[str, int] = {}
     graph = model.graph
+    folded = fold_static_shapes(graph)
+    if folded:
+        counts["fold_static_shapes"] = folded
+        optimizer.fold_constants(model)  # what the now-constant shape values computed
+    ir.passes.common.RemoveUnusedNodesPass()(model)
     for node in list(graph):
         if node.graph is None:  # removed by an earlier rule
             continue
@@ -37,6 +41,33 @@ def canonicalize(model: ir.Model) -> dict[str, int]:
                 break
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return counts
+
+
+SHAPE_OPS = {"Shape", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def fold_static_shapes(graph: ir.Graph) -> int:
+    """Shape arithmetic whose every element is a static dim -> a constant.
+
+    The legacy exporter computes sizes at run time (``Gather(Shape(x), -1)`` for the head size
+    DeBERTa divides by) even where the dim is static; constant folding needs the whole shape
+    static, so a partly dynamic tensor's static dims stay hidden from the matchers otherwise.
+    """
+    folded = 0
+    for node in list(graph):
+        out = node.outputs[0] if node.op_type in SHAPE_OPS and len(node.outputs) == 1 else None
+        if out is None or out.const_value is not None or out.dtype != ir.DataType.INT64 or rank(out) not in (0, 1):
+            continue
+        elements = shape_elements(out)
+        if elements is None or not all(isinstance(e, int) for e in elements) or (rank(out) == 0 and len(elements) != 1):
+            continue
+        array = np.array(elements, np.int64).reshape(() if rank(out) == 0 else (-1,))
+        constant = ir.Value(name=f"{out.name}_static", shape=ir.Shape(array.shape), type=out.type,
+                            const_value=ir.tensor(array))
+        add_initializer(graph, constant)
+        if _bypass(graph, node, constant):
+            folded += 1
+    return folded
 
 
 def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> bool:
@@ -53,6 +84,154 @@ def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> bool:
         return True
     ir.convenience.replace_all_uses_with(out, replacement)
     graph.remove(node, safe=True)
+    return True
+
+
+def shape_from_inputs(graph: ir.Graph, node: ir.Node) -> bool:
+    """Shape(x)[a:b] of a computed x, each dim static or one of a graph input's named dims ->
+    those constants and Shape(input) slices: sizes stop being extra users of x (the legacy
+    exporter's ``probs.view(-1, probs.size(-2), probs.size(-1))``), so x's one real user shows."""
+    if node.op_type == "Gather":
+        return _gathered_dim_from_inputs(graph, node)
+    if node.op_type == "Slice":
+        return _sliced_shape(graph, node)
+    if node.op_type != "Shape" or node.inputs[0].is_graph_input() or rank(node.inputs[0]) is None:
+        return False
+    source = node.inputs[0]
+    r = rank(source)
+    start, end = (clamp_index(attr(node, k, d), r) for k, d in (("start", 0), ("end", r)))
+    source_of = _input_dims(graph)
+    pieces: list = []  # (input, start, end, factor) slices of an input's shape, or lists of ints
+    for d in static_dims(source)[start:end]:
+        if isinstance(d, int):
+            if pieces and isinstance(pieces[-1], list):
+                pieces[-1].append(d)
+            else:
+                pieces.append([d])
+            continue
+        found = source_of(d)
+        if found is None:
+            return False
+        value, axis, factor = found
+        last = pieces[-1] if pieces else None
+        if isinstance(last, tuple) and last[0] is value and last[2] == axis and last[3] == factor == 1:
+            pieces[-1] = (value, last[1], axis + 1, 1)
+        else:
+            pieces.append((value, axis, axis + 1, factor))
+    if not pieces:
+        return False
+    parts = []
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, list):
+            constant = ir.Value(name=f"{node.outputs[0].name}_dims_{i}",
+                                const_value=ir.tensor(np.array(piece, np.int64)))
+            parts.append(add_initializer(graph, constant))
+            continue
+        value, lo, hi, factor = piece
+        new = [ir.Node("", "Shape", [value], attributes=[ir.AttrInt64("start", lo), ir.AttrInt64("end", hi)],
+                       num_outputs=1)]
+        if factor != 1:
+            scale = ir.Value(name=f"{node.outputs[0].name}_factor_{i}", const_value=ir.tensor(np.array([factor])))
+            new.append(ir.Node("", "Mul", [new[0].outputs[0], add_initializer(graph, scale)], num_outputs=1))
+        for n in new:
+            n.outputs[0].shape, n.outputs[0].type = ir.Shape([hi - lo]), node.outputs[0].type
+        graph.insert_before(node, new)
+        parts.append(new[-1].outputs[0])
+    if len(parts) == 1 and parts[0].producer() is not None:
+        return _bypass(graph, node, parts[0])
+    concat = ir.Node("", "Concat", parts, attributes=[ir.AttrInt64("axis", 0)], num_outputs=1)
+    concat.outputs[0].shape, concat.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+    graph.insert_before(node, [concat])
+    return _bypass(graph, node, concat.outputs[0])
+
+
+def _input_dims(graph: ir.Graph):
+    """A lookup: a symbolic dim -> (graph input, axis, integer factor) it is, or None.
+
+    Symbolic shape inference names dims after the inputs' (``batch``) and writes products with
+    a constant as ``4*batch`` (BLOOM's heads merged into the batch axis)."""
+    named = {}
+    for value in graph.inputs:
+        for axis, d in enumerate(static_dims(value) if rank(value) is not None else []):
+            if isinstance(d, str):
+                named.setdefault(d, (value, axis))
+
+    def source_of(d):
+        if not isinstance(d, str):
+            return None
+        if d in named:
+            return (*named[d], 1)
+        factors = d.replace(" ", "").split("*")
+        numbers = [f for f in factors if f.isdigit()]
+        names = [f for f in factors if not f.isdigit()]
+        if len(names) == 1 and names[0] in named and len(numbers) == len(factors) - 1:
+            return (*named[names[0]], int(np.prod([int(n) for n in numbers])))
+        return None
+    return source_of
+
+
+def _sliced_shape(graph: ir.Graph, node: ir.Node) -> bool:
+    """Slice(Shape(x), [a], [b]) along axis 0, step 1 -> Shape(x, start=a, end=b) (the same
+    clamping), then taken from the inputs' dims where it can be."""
+    shape = producer(node.inputs[0], "Shape")
+    bounds = [const_array(v) if v is not None else None for v in node.inputs[1:]]
+    if (shape is None or len(bounds) < 2 or any(b is None or b.size != 1 for b in bounds)
+            or "start" in shape.attributes or "end" in shape.attributes):
+        return False
+    start, end, *rest = (int(b.reshape(-1)[0]) for b in bounds)
+    if rest[:1] not in ([], [0]) or rest[1:] not in ([], [1]):  # axis 0, step 1
+        return False
+    sliced = ir.Node("", "Shape", [shape.inputs[0]], attributes=[ir.AttrInt64("start", start),
+                                                                  ir.AttrInt64("end", min(end, 2 ** 62))],
+                     num_outputs=1)
+    sliced.outputs[0].shape, sliced.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+    graph.insert_before(node, [sliced])
+    _bypass(graph, node, sliced.outputs[0])
+    shape_from_inputs(graph, sliced)
+    _drop_if_unused(graph, shape)
+    return True
+
+
+def _drop_if_unused(graph: ir.Graph, node: ir.Node) -> None:
+    """Remove a node nothing reads any more, now: its inputs' use counts are what later rules see."""
+    if not any(v.uses() or v.is_graph_output() for v in node.outputs):
+        graph.remove(node, safe=True)
+
+
+def _gathered_dim_from_inputs(graph: ir.Graph, node: ir.Node) -> bool:
+    """Gather(Shape(x), i) of one named dim of x -> Gather(Shape(input), k) [* factor] of it."""
+    shape, index = producer(node.inputs[0], "Shape"), const_array(node.inputs[1])
+    if shape is None or index is None or index.ndim != 0 or shape.inputs[0].is_graph_input():
+        return False
+    source = shape.inputs[0]
+    r = rank(source)
+    if r is None or attr(shape, "start", 0) != 0 or attr(shape, "end", r) not in (r, None):
+        return False
+    found = _input_dims(graph)(static_dims(source)[int(index) % r]) if -r <= int(index) < r else None
+    if found is None:
+        return False
+    value, axis, factor = found
+    new_shape = ir.Node("", "Shape", [value], num_outputs=1)
+    new_shape.outputs[0].shape, new_shape.outputs[0].type = ir.Shape([rank(value)]), shape.outputs[0].type
+    position = add_initializer(graph, ir.Value(name=f"{node.outputs[0].name}_axis",
+                                               const_value=ir.tensor(np.array(axis, np.int64))))
+    graph.insert_before(node, [new_shape])
+    node.replace_input_with(0, new_shape.outputs[0])
+    node.replace_input_with(1, position)
+    _drop_if_unused(graph, shape)
+    if factor == 1:
+        return True
+    scale = add_initializer(graph, ir.Value(name=f"{node.outputs[0].name}_factor",
+                                            const_value=ir.tensor(np.array(factor, np.int64))))
+    out = node.outputs[0]
+    users = [(use.node, use.idx) for use in out.uses()]
+    mul = ir.Node("", "Mul", [out, scale], num_outputs=1)
+    mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
+    graph.insert_after(node, [mul])
+    for user, idx in users:
+        user.replace_input_with(idx, mul.outputs[0])
+    if out.is_graph_output():
+        ir.convenience.replace_all_uses_with(out, mul.outputs[0], replace_graph_outputs=True)
     return True
 
 
@@ -195,6 +374,37 @@ def compose_transposes(graph: ir.Graph, node: ir.Node) -> bool:
     graph.insert_before(node, [composed])
     composed.outputs[0].shape, composed.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
     return _bypass(graph, node, composed.outputs[0])
+
+
+def split_heads_then_transpose(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(Transpose(t, [a, c, b]), [X, Y, p, q]) splitting only the leading axis, with
+    b < c -> Transpose(Reshape(Transpose(t, [a, b, c]), [X, Y, q, p]), [0, 1, 3, 2]).
+
+    torch's packed in_proj with static shapes spells K^T on merged heads as one 3-D
+    Transpose([1, 2, 0]) of [n, B*H, d]; splitting B*H and swapping the last two axes commute,
+    so this is K split into heads (the spelling of Q and V) and the K^T Transpose."""
+    if node.op_type != "Reshape":
+        return False
+    transpose = producer(node.inputs[0], "Transpose")
+    perm = [int(i) for i in attr(transpose, "perm", [])] if transpose is not None else []
+    if len(perm) != 3 or perm[1] < perm[2] or len(node.inputs[0].uses()) != 1 or rank(node.outputs[0]) != 4:
+        return False
+    merged, out = static_dims(node.inputs[0]), static_dims(node.outputs[0])
+    if not all(isinstance(d, int) for d in merged + out) or out[0] * out[1] != merged[0] or out[2:] != merged[1:]:
+        return False
+    split = ir.Node("", "Transpose", [transpose.inputs[0]],
+                    attributes=[ir.AttrInt64s("perm", [perm[0], perm[2], perm[1]])], num_outputs=1)
+    shape = ir.Value(name=f"{node.outputs[0].name}_heads_shape",
+                     const_value=ir.tensor(np.array([out[0], out[1], out[3], out[2]], np.int64)))
+    heads = ir.Node("", "Reshape", [split.outputs[0], add_initializer(graph, shape)], num_outputs=1)
+    key_t = ir.Node("", "Transpose", [heads.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])],
+                    num_outputs=1)
+    dtype = node.outputs[0].type
+    shapes = ([merged[0], merged[2], merged[1]], [out[0], out[1], out[3], out[2]], out)
+    for n, dims in zip((split, heads, key_t), shapes):
+        n.outputs[0].shape, n.outputs[0].type = ir.Shape(dims), dtype
+    graph.insert_before(node, [split, heads, key_t])
+    return _bypass(graph, node, key_t.outputs[0])
 
 
 def flattened_matmul(graph: ir.Graph, node: ir.Node) -> bool:
@@ -362,6 +572,26 @@ def _shape_products(value: ir.Value | None, depth: int = 0) -> list | None:
         if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
             inner = _shape_products(node.inputs[0], depth + 1)
             return inner if inner is not None and len(inner) == 1 else None
+        if node.op_type == "Slice" and len(node.inputs) >= 3:
+            data = _shape_products(node.inputs[0], depth + 1)
+            bounds = [const_array(v) if v is not None else None for v in node.inputs[1:]]
+            if data is None or any(b is None or b.size != 1 for b in bounds):
+                return None
+            start, end, *rest = (int(b.reshape(-1)[0]) for b in bounds)
+            if rest[:1] not in ([], [0], [-1]) or rest[1:] not in ([], [1]):
+                return None
+            return data[clamp_index(start, len(data)):clamp_index(end, len(data))]
+        if node.op_type == "Gather" and const_array(node.inputs[1]) is not None:
+            data, index = _shape_products(node.inputs[0], depth + 1), const_array(node.inputs[1])
+            if data is None or not all(-len(data) <= int(i) < len(data) for i in index.reshape(-1)):
+                return None
+            return [data[int(i)] for i in index.reshape(-1)]
+        if node.op_type == "Div":  # exact division of a coefficient (BLOOM's batch = (B*H) // H)
+            a, b = (_shape_products(v, depth + 1) for v in node.inputs)
+            if a is None or b is None or len(a) != 1 or len(b) != 1 or b[0][1] or b[0][0] <= 0 or a[0][0] < 0 \
+                    or a[0][0] % b[0][0]:
+                return None
+            return [(a[0][0] // b[0][0], a[0][1])]
         if node.op_type == "Mul":
             a, b = (_shape_products(v, depth + 1) for v in node.inputs)
             if a is None or b is None or len(a) != 1 or len(b) != 1 or a[0][0] < 0 or b[0][0] < 0:
@@ -401,8 +631,11 @@ def _merged_heads(value: ir.Value):
     return x if _reshapes_to(reshape, [[d[0], d[1]], [d[2]], [d[3]]]) else None
 
 
-def _lift_bias(term: ir.Value, lead: list, new: list) -> ir.Value | None:
-    """A term added to [X*Y, p, q] scores, as a term added to [X, Y, p, q] scores, or None."""
+def _lift_bias(term: ir.Value, lead: list, new: list, a: ir.Value, merged) -> ir.Value | None:
+    """A term added to [X*Y, p, q] scores, as a term added to [X, Y, p, q] scores, or None.
+
+    ``a`` is the [X, Y, ...] left operand of the product, ``merged`` the product's leading dim.
+    """
     r = rank(term)
     if r is None:
         return None
@@ -412,7 +645,7 @@ def _lift_bias(term: ir.Value, lead: list, new: list) -> ir.Value | None:
     reshape = producer(term, "Reshape")
     source = reshape.inputs[0] if reshape is not None else None
     if source is None or rank(source) not in (3, 4) or static_dims(source)[:2] != lead:
-        return None
+        return _split_merged(term, a, new) if r == 3 and dims[0] == merged else None
     s = static_dims(source)
     if rank(source) == 4 and _reshapes_to(reshape, [lead, [s[2]], [s[3]]]):
         return source  # Reshape([X, Y, p, q] -> [X*Y, p, q]) undone
@@ -433,6 +666,33 @@ def _lift_bias(term: ir.Value, lead: list, new: list) -> ir.Value | None:
     return None
 
 
+def _split_merged(term: ir.Value, a: ir.Value, new: list) -> ir.Value:
+    """A [X*Y, p, q] term computed in the merged layout (DeBERTa's relative-position scores)
+    reshaped to [X, Y, p, q]; the row-major merge makes X*Y split back into a's X and Y."""
+    lead, rest = static_dims(a)[:2], static_dims(term)[1:]
+    if all(isinstance(d, int) for d in lead + rest):
+        new.append(ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array(lead + rest,
+                                                                                                 np.int64)))],
+                           num_outputs=1))
+        shape = new[-1].outputs[0]
+    else:
+        parts = [ir.Node("", "Shape", [a], attributes=[ir.AttrInt64("start", 0), ir.AttrInt64("end", 2)],
+                         num_outputs=1),
+                 ir.Node("", "Shape", [term], attributes=[ir.AttrInt64("start", 1), ir.AttrInt64("end", 3)],
+                         num_outputs=1)]
+        concat = ir.Node("", "Concat", [p.outputs[0] for p in parts], attributes=[ir.AttrInt64("axis", 0)],
+                         num_outputs=1)
+        new += [*parts, concat]
+        for n, size in zip((*parts, concat), (2, 2, 4)):
+            n.outputs[0].shape, n.outputs[0].type = ir.Shape([size]), ir.TensorType(ir.DataType.INT64)
+        shape = concat.outputs[0]
+    new.append(ir.Node("", "Reshape", [term, shape], num_outputs=1))
+    lifted = new[-1].outputs[0]
+    lifted.name = f"{term.name}_4d"
+    lifted.shape, lifted.type = ir.Shape([*list(a.shape)[:2], *list(term.shape)[1:]]), term.type
+    return lifted
+
+
 def _reaches_product(value: ir.Value, depth: int = 0) -> bool:
     """Whether ``value`` is a rank-3 MatMul, possibly scaled by constants and with terms added."""
     step = producer(value)
@@ -443,6 +703,14 @@ def _reaches_product(value: ir.Value, depth: int = 0) -> bool:
     if step.op_type == "Mul" and scalar_const(step.inputs[1]) is not None:
         return _reaches_product(step.inputs[0], depth + 1)
     return step.op_type == "Add" and any(_reaches_product(v, depth + 1) for v in step.inputs)
+
+
+def _scaled(value: ir.Value):
+    """value = Mul(x, scalar constant) used once -> (x, the constant's value), else (value, None)."""
+    mul = producer(value, "Mul")
+    if mul is None or scalar_const(mul.inputs[1]) is None or len(value.uses()) != 1 or value.is_graph_output():
+        return value, None
+    return mul.inputs[0], mul.inputs[1]
 
 
 def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
@@ -472,12 +740,15 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
             return False
         value = step.inputs[chain[-1][1]]
     matmul = step
-    a = _merged_heads(matmul.inputs[0])
-    transpose = producer(matmul.inputs[1], "Transpose")
+    (left, left_scale), (right, right_scale) = (_scaled(v) for v in matmul.inputs)
+    if left_scale is not None or right_scale is not None:  # scalar factors on an operand (DeBERTa's K / sqrt(3d))
+        chain.append((matmul, left_scale, right_scale))
+    a = _merged_heads(left)
+    transpose = producer(right, "Transpose")
     if transpose is not None and list(attr(transpose, "perm", [])) == [0, 2, 1]:
         c, transposed = _merged_heads(transpose.inputs[0]), True
     else:
-        c, transposed = _merged_heads(matmul.inputs[1]), False
+        c, transposed = _merged_heads(right), False
     if a is None or c is None:
         return False
     da, dc = static_dims(a), static_dims(c)
@@ -494,12 +765,16 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
         c.shape, c.type = ir.Shape([k.shape[0], k.shape[1], k.shape[3], k.shape[2]]), k.type
     out_shape = ir.Shape([*list(a.shape)[:3], list(c.shape)[3]])
     new.append(ir.Node("", "MatMul", [a, c], num_outputs=1))
-    for step, side in reversed(chain):
+    merged = static_dims(matmul.outputs[0])[0]
+    for step, *sides in reversed(chain):
         previous = new[-1].outputs[0]
-        if step.op_type == "Mul":
+        if step.op_type == "MatMul":  # the operands' scales, moved onto the product
+            for factor in (f for f in sides if f is not None):
+                new.append(ir.Node("", "Mul", [new[-1].outputs[0], factor], num_outputs=1))
+        elif step.op_type == "Mul":
             new.append(ir.Node("", "Mul", [previous, step.inputs[1]], num_outputs=1))
         else:
-            term = _lift_bias(step.inputs[1 - side], lead, new)
+            term = _lift_bias(step.inputs[1 - sides[0]], lead, new, a, merged)
             if term is None:
                 return False
             new.append(ir.Node("", "Add", [previous, term], num_outputs=1))
@@ -510,6 +785,6 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
     return _bypass(graph, node, new[-1].outputs[0])
 
 
-RULES = [gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
-         split_key_transpose, compose_transposes, flattened_matmul, batched_head_attention, tanh_gelu,
-         div_to_mul, constant_last]
+RULES = [shape_from_inputs, gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
+         split_key_transpose, compose_transposes, split_heads_then_transpose, flattened_matmul, batched_head_attention,
+         tanh_gelu, div_to_mul, constant_last]

@@ -82,7 +82,6 @@ def apply_site(model: ir.Model, site: Site, moved: dict[ir.Value, ir.Value] | No
     graph.remove(list(set(site.nodes)), safe=True)
     for old, new, name in pairs:
         new.name, new.shape, new.type = name, old.shape, old.type
-    node.name = f"kernelize/{site.id}"
     return node
 
 
@@ -100,7 +99,6 @@ def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], li
     misses: list[NearMiss] = []
     made_by: dict[ir.Node, Site] = {}
     moved: dict[ir.Value, ir.Value] = {}
-    counters: dict[str, int] = {}
     for phase in (0, 1):
         sites, phase_misses = find_sites(model, phase=phase)
         misses += phase_misses
@@ -113,12 +111,21 @@ def fuse(model: ir.Model, kinds: set[str] | None = None) -> tuple[list[Site], li
                 earlier = made_by.pop(n, None)
                 if earlier is not None:
                     applied.remove(earlier)
-                    counters[earlier.kind] -= 1
                     site.info["decomposed"] = True
-            site.index = counters.get(site.kind, 0)
-            counters[site.kind] = site.index + 1
             node = apply_site(model, site, moved)
             if node is not None:
                 made_by[node] = site
             applied.append(site)
+    _number(applied, {id(site): node for node, site in made_by.items()})
     return applied, misses
+
+
+def _number(sites: list[Site], nodes: dict[int, ir.Node]) -> None:
+    """Index the sites per kind in the order they were taken and name their nodes by it (a
+    site absorbed by a later phase leaves no gap and no duplicate name)."""
+    counters: dict[str, int] = {}
+    for site in sites:
+        site.index = counters.get(site.kind, 0)
+        counters[site.kind] = site.index + 1
+        if id(site) in nodes:
+            nodes[id(site)].name = f"kernelize/{site.id}"

@@ -54,28 +54,60 @@ def random_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0)
     return feeds
 
 
-def accepted_length(sess, signature: ir.Model, seq: int, batch: int = 1) -> int:
-    """The longest sequence length up to ``seq`` at which the session runs on
-    :func:`random_inputs` (a position-embedding table bounds it: RoBERTa's positions start
-    after the padding index, so a 514-row table takes 512 tokens). Raises KernelizeError,
-    with ONNX Runtime's reason, when no length runs."""
-    def error_at(length: int) -> str | None:
-        try:
-            ort_backend.run(sess, random_inputs(signature, batch, length))
-        except KernelizeError as err:
-            return str(err)
-        return None
+LONGEST_SEARCHED = 4096  # synthesized lengths tried upward when short ones do not run (attention memory grows
+# with its square; wav2vec2's convolutions need 400 samples)
 
-    first = error_at(seq)
+
+def _error_at(sess, signature: ir.Model, batch: int, length: int) -> str | None:
+    """Why the session does not run on :func:`random_inputs` at (batch, length), or None."""
+    try:
+        ort_backend.run(sess, random_inputs(signature, batch, length))
+    except KernelizeError as err:
+        return str(err)
+    return None
+
+
+def accepted_length(sess, signature: ir.Model, seq: int, batch: int = 1) -> int:
+    """The length nearest ``seq`` at which the session runs on :func:`random_inputs`: the
+    longest up to ``seq`` (a position-embedding table bounds it: RoBERTa's positions start
+    after the padding index, so a 514-row table takes 512 tokens), else the shortest above it
+    (a convolution stack needs a receptive field of audio samples). Raises KernelizeError,
+    with ONNX Runtime's reason, when no length runs."""
+    first = _error_at(sess, signature, batch, seq)
     if first is None:
         return seq
     runs, fails = 0, seq  # the longest length known to run (0: none yet), the shortest known to fail
     while fails - runs > 1:
         mid = (runs + fails) // 2
-        runs, fails = (mid, fails) if error_at(mid) is None else (runs, mid)
-    if runs == 0:
-        raise KernelizeError(f"the model does not run on synthesized inputs of length 1 to {seq}: {first}")
+        runs, fails = (mid, fails) if _error_at(sess, signature, batch, mid) is None else (runs, mid)
+    if runs:
+        return runs
+    longer = seq * 2
+    while longer <= LONGEST_SEARCHED and _error_at(sess, signature, batch, longer) is not None:
+        longer *= 2
+    if longer > LONGEST_SEARCHED:
+        raise KernelizeError(f"the model does not run on synthesized inputs at batch {batch}, length 1 to "
+                             f"{LONGEST_SEARCHED}: {first}")
+    fails, runs = longer // 2, longer  # now the shortest that runs, above seq
+    while runs - fails > 1:
+        mid = (runs + fails) // 2
+        runs, fails = (mid, fails) if _error_at(sess, signature, batch, mid) is None else (runs, mid)
     return runs
+
+
+def accepted_shapes(model, signature: ir.Model, shapes=CHECK_SHAPES) -> list[tuple[int, int]]:
+    """``shapes`` moved to lengths the model runs at: when the shortest does not run, every
+    length is shifted up by the same amount (wav2vec2's convolutions need 400 samples, and
+    the checks keep their distinct lengths); when the longest does not, every length is
+    capped at the longest that runs."""
+    sess = ort_backend.session(model)
+    (batch, shortest), (top_batch, longest) = shapes[0], shapes[-1]
+    if _error_at(sess, signature, batch, shortest) is not None:
+        shift = accepted_length(sess, signature, shortest, batch) - shortest
+        shapes = [(b, s + shift) for b, s in shapes]
+        longest += shift
+    cap = accepted_length(sess, signature, longest, top_batch)
+    return [(b, min(s, cap)) for b, s in shapes]
 
 
 def run_at_shapes(model, signature: ir.Model, names=(), shapes=CHECK_SHAPES, seed: int = 0) -> list[dict]:

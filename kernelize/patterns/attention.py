@@ -77,7 +77,7 @@ class AttentionPattern(Pattern):
                 scores = node.inputs[side]
                 mask_kind = "additive" if mask_kind == "none" else mask_kind
                 nodes.append(node)
-            elif node.op_type == "Where" and not biases:
+            elif node.op_type == "Where":
                 cond, a, b = node.inputs
                 fill_a, fill_b = scalar_const(a), scalar_const(b)
                 if fill_b is not None and fill_a is None:
@@ -85,6 +85,10 @@ class AttentionPattern(Pattern):
                 elif fill_a is not None and fill_b is None:
                     keep, fill, scores = False, fill_a, b
                 else:
+                    break
+                if biases and fill > -1e4:
+                    # where(c, s, f) + t is s + t + where(c, 0, f) only when f masks (GPT-Neo
+                    # adds the padding mask after its causal Where)
                     break
                 zero = ir.Value(name=f"{node.outputs[0].name}_zero", const_value=ir.tensor(np.float32(0.0)))
                 fill_v = ir.Value(name=f"{node.outputs[0].name}_fill", const_value=ir.tensor(np.float32(fill)))
@@ -152,7 +156,16 @@ class AttentionPattern(Pattern):
 
 
 def _is_causal(bias: ir.Value) -> bool:
-    """bias = Where(Equal(Trilu(ones, lower), 0), -big, 0): torch's is_causal mask."""
+    """bias = Where(Equal(Trilu(ones, lower), 0), -big, 0): torch's is_causal mask, or that
+    mask folded into a constant (static lengths)."""
+    constant = const_array(bias)
+    if constant is not None:
+        square = constant.reshape(constant.shape[-2:]) if constant.ndim >= 2 and constant.size == np.prod(
+            constant.shape[-2:]) else None
+        if square is None or square.shape[0] != square.shape[1] or square.shape[0] < 2:
+            return False
+        upper = np.triu(np.ones(square.shape, bool), 1)
+        return bool(np.all(square[~upper] == 0) and np.all(square[upper] <= -1e4))
     where = producer(bias, "Where")
     if where is None:
         return False
@@ -174,16 +187,32 @@ def _is_causal(bias: ir.Value) -> bool:
 def _scores_operand(add: ir.Node) -> int | None:
     """Which operand of the mask Add carries the Q·K^T scores: the (scaled) MatMul itself, or,
     when the model adds several terms one after another (BLOOM: ALiBi, then the mask), an Add
-    chain that reaches it; a direct MatMul operand is preferred."""
+    chain or a masking Where that reaches it; a direct MatMul operand is preferred."""
     for i in (0, 1):
         value, _, _ = _strip_scale(add.inputs[i])
         if producer(value, "MatMul") is not None:
             return i
     for i in (0, 1):
-        inner = producer(add.inputs[i], "Add")
-        if inner is not None and len(add.inputs[i].uses()) == 1 and _scores_operand(inner) is not None:
+        inner = producer(add.inputs[i])
+        if inner is None or len(add.inputs[i].uses()) != 1:
+            continue
+        if inner.op_type == "Add" and _scores_operand(inner) is not None:
+            return i
+        if inner.op_type == "Where" and _masked_scores(inner):
             return i
     return None
+
+
+def _masked_scores(where: ir.Node) -> bool:
+    """Where(c, scores, fill) or Where(c, fill, scores) with a masking fill (GPT-Neo's causal
+    Where, then the padding mask added)."""
+    _, a, b = where.inputs
+    fills = [scalar_const(a), scalar_const(b)]
+    if sum(f is not None for f in fills) != 1 or min(f for f in fills if f is not None) > -1e4:
+        return False
+    scores, _, _ = _strip_scale(b if fills[0] is not None else a)
+    node = producer(scores)
+    return node is not None and (node.op_type == "MatMul" or (node.op_type == "Add" and _scores_operand(node) is not None))
 
 
 def _strip_scale(value: ir.Value):

@@ -33,29 +33,17 @@ def _is_square(node: ir.Node | None, x: ir.Value) -> bool:
     return node.op_type == "Mul" and node.inputs[0] is x and node.inputs[1] is x
 
 
-def _rsqrt_of(value: ir.Value, nodes: list):
-    """value = 1/sqrt(m + eps) (Reciprocal(Sqrt) or via Div in the caller); -> (m, eps)."""
-    sqrt = producer(value, "Sqrt")
-    if sqrt is None:
-        return None
-    add = producer(sqrt.inputs[0], "Add")
-    eps = scalar_const(add.inputs[1]) if add is not None else None
-    if eps is None:
-        return None
-    nodes += [sqrt, add]
-    return add.inputs[0], eps
-
-
 def _normalized(mean_node_out: ir.Value, numerator: ir.Value, nodes: list):
     """Find y = numerator / sqrt(mean + eps) among the users; -> (y value, eps)."""
     add = only_user(mean_node_out, "Add")
-    if add is None or scalar_const(add.inputs[1]) is None:
-        return None
-    sqrt = only_user(add.outputs[0], "Sqrt")
+    if add is not None and scalar_const(add.inputs[1]) is not None:
+        sqrt, eps = only_user(add.outputs[0], "Sqrt"), scalar_const(add.inputs[1])
+        nodes.append(add)
+    else:  # no epsilon (I-BERT's float path divides by sqrt(var) itself)
+        sqrt, eps = only_user(mean_node_out, "Sqrt"), 0.0
     if sqrt is None:
         return None
-    nodes += [add, sqrt]
-    eps = scalar_const(add.inputs[1])
+    nodes.append(sqrt)
     div = only_user(sqrt.outputs[0], "Div")
     if div is not None and div.inputs[0] is numerator:
         nodes.append(div)
