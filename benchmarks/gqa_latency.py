@@ -70,8 +70,9 @@ def main():
                           output_names=["hidden"], dynamo=True, dynamic_shapes=({0: batch, 1: seq},),
                           external_data=False)
         proto = onnx.load(path)
-    fused_onnxscript, fusions = optimize_for_ort(ir.from_proto(proto))
     result = kernelize.optimize(proto, measure_latency=False)
+    # onnxscript rewrites the proto it was given (from_proto shares it): give it a copy
+    fused_onnxscript, fusions = optimize_for_ort(ir.from_proto(onnx.ModelProto.FromString(proto.SerializeToString())))
     models = {"export": ir.from_proto(proto), "onnxscript": fused_onnxscript, "kernelize": result.model}
     rows = {name: {"ops": dict(collections.Counter(n.op_type for n in m.graph if n.op_type in (
         "Softmax", "MultiHeadAttention", "GroupQueryAttention", "Attention", "RotaryEmbedding")

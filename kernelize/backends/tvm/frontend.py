@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -89,7 +90,42 @@ def _prepare_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
         node.op_type = _OP_PREFIX + node.op_type
         node.domain = ""
     del proto.functions[:]  # the TVM path never inlines the function bodies
+    _constants_to_initializers(proto.graph)
     return proto
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes (and ConstantOfShape of a constant shape) -> initializers: TVM's importer
+    reads only a Constant's ``value`` tensor, not ``value_ints``/``value_float``/... (which the
+    legacy exporter and the constant folder write)."""
+    kept = []
+    initializers = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        array = None
+        if node.domain in ("", "ai.onnx") and node.op_type == "Constant" and len(node.attribute) == 1:
+            array = _constant_array(node.attribute[0])
+        elif node.domain in ("", "ai.onnx") and node.op_type == "ConstantOfShape" and node.input[0] in initializers:
+            # a constant shape, possibly empty (a scalar result), which TVM's importer cannot broadcast to
+            shape = onnx.numpy_helper.to_array(initializers[node.input[0]]).astype(np.int64)
+            fill = _constant_array(node.attribute[0]) if node.attribute else np.zeros(1, np.float32)
+            array = np.full(shape, fill.reshape(-1)[0], fill.dtype)
+        if array is None:
+            kept.append(node)
+            continue
+        tensor = onnx.numpy_helper.from_array(array, node.output[0])
+        graph.initializer.append(tensor)
+        initializers[tensor.name] = tensor
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _constant_array(attribute: onnx.AttributeProto):
+    """The array a Constant's value / value_float(s) / value_int(s) attribute holds, else None."""
+    value = onnx.helper.get_attribute_value(attribute)
+    if attribute.name == "value":
+        return onnx.numpy_helper.to_array(value)
+    dtypes = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    return np.asarray(value, dtypes[attribute.name]) if attribute.name in dtypes else None
 
 
 def input_shapes(model: ir.Model | onnx.ModelProto, shape: dict | None) -> dict[str, list[int]]:
