@@ -4,21 +4,23 @@ the same export beside it.
 
 For every (architecture, exporter) of ``kernelize.models.zoo``:
   export       the export's own result (or why it failed)
-  kernelize    attention sites fused / softmaxes in the export, max abs error of the optimized
+  kernelize    attention sites fused / attention sites, max abs error of the optimized
                model against the torch module at the check shape (batch 3, length 11, a
                padded row; static exports at their own shape), or the error message
   onnxscript   onnxscript.rewriter.ort_fusions.optimize_for_ort on a copy: attention ops it
                produced (MultiHeadAttention, Attention, GroupQueryAttention) and its error
 
-Writes results/zoo.json and prints the README's markdown table.
+Writes results/zoo.json and prints the README's markdown table (cells: kernelize fused/sites,
+error · onnxscript's attention ops).
 
-Run: .venv/bin/python benchmarks/zoo.py [--archs bert,gpt2] [--exporters dynamo,legacy]
+Run: .venv/bin/python benchmarks/zoo.py [--archs bert,gpt2] [--exporters dynamo,legacy] [--table]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from common import machine, write_json
+from common import RESULTS, machine, write_json
 
 ATTENTION_OPS = ("MultiHeadAttention", "Attention", "GroupQueryAttention")
 
@@ -84,24 +86,42 @@ def one(arch: str, exporter: str) -> dict:
     return row
 
 
-def _cell(result: dict | None, layers: int, which: str) -> str:
-    if result is None:
-        return "-"
-    if "failed" in result:
-        return f"fails: {result['failed']}"
-    fused = result["attention_sites"] if which == "kernelize" else result["attention_ops"]
-    return f"{fused}/{layers}, {result['error']:.0e}"
+def _cell(row: dict, layers: int, notes: dict) -> str:
+    """'kernelize fused/sites, its error · onnxscript's attention ops' for one export."""
+    if row["export"] != "ok":
+        return f"export fails [{_note(notes, row['export'])}]"
+    parts = []
+    for name in ("kernelize", "onnxscript"):
+        result = row.get(name, {})
+        if "failed" in result:
+            parts.append(f"{name} fails [{_note(notes, result['failed'])}]")
+        elif name == "kernelize":
+            sites = result["attention_sites"] + result["softmax_left"]
+            parts.append(f"{result['attention_sites']}/{sites}, {result['error']:.0e}")
+        else:
+            parts.append(f"{result['attention_ops']}")
+    return " · ".join(parts)
 
 
-def table(rows: list[dict], layers: int) -> str:
-    lines = ["| architecture | exporter | kernelize: fused / sites, error | onnxscript: fused, error |",
-             "|---|---|---|---|"]
+def _note(notes: dict, text: str) -> int:
+    return notes.setdefault(text, len(notes) + 1)
+
+
+def table(rows: list[dict], layers: int, exporters=None) -> str:
+    """One line per architecture, one column per exporter (the README's table)."""
+    from kernelize.models import zoo
+
+    exporters = list(exporters or zoo.EXPORTERS)
+    by_arch: dict[str, dict] = {}
     for row in rows:
-        if row["export"] != "ok":
-            lines.append(f"| {row['arch']} | {row['exporter']} | export {row['export']} | |")
-            continue
-        lines.append(f"| {row['arch']} | {row['exporter']} | {_cell(row.get('kernelize'), layers, 'kernelize')} | "
-                     f"{_cell(row.get('onnxscript'), layers, 'onnxscript')} |")
+        by_arch.setdefault(row["arch"], {})[row["exporter"]] = row
+    notes: dict[str, int] = {}
+    lines = ["| architecture | " + " | ".join(exporters) + " |", "|---|" + "---|" * len(exporters)]
+    for arch, cells in by_arch.items():
+        lines.append(f"| {arch} | " + " | ".join(_cell(cells[e], layers, notes) if e in cells else "-"
+                                                 for e in exporters) + " |")
+    lines.append("")
+    lines += [f"[{n}] {text}" for text, n in notes.items()]
     return "\n".join(lines)
 
 
@@ -114,7 +134,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(zoo.ARCHITECTURES))
     parser.add_argument("--exporters", default=",".join(zoo.EXPORTERS))
+    parser.add_argument("--table", action="store_true", help="print the table of results/zoo.json and stop")
     args = parser.parse_args()
+    if args.table:
+        data = json.loads((RESULTS / "zoo.json").read_text())
+        print(table(data["rows"], data["layers"]))
+        return
     rows = []
     for arch in args.archs.split(","):
         for exporter in args.exporters.split(","):
