@@ -349,13 +349,13 @@ def _cmd_deploy(args) -> int:
 
 
 def _cmd_pack(args) -> int:
-    from kernelize.deploy import artifact
+    from kernelize.deploy import archive as archive_mod
 
     if args.unpack:
-        folder = artifact.unpack(args.artifact, args.output, force=args.force)
+        folder = archive_mod.unpack(args.artifact, args.output, force=args.force)
         print(f"unpacked {folder}")
     else:
-        archive = artifact.pack(args.artifact, args.output, force=args.force)
+        archive = archive_mod.pack(args.artifact, args.output, force=args.force)
         print(f"wrote {archive}")
     return 0
 

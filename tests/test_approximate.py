@@ -211,7 +211,7 @@ def test_bad_approximate_options(bert, kwargs, message):
 @pytest.mark.parametrize("recipe", ["exact", "fast"])
 def test_options_are_checked_before_any_work(bert, monkeypatch, recipe, kwargs, message):
     """Bad options fail at once, whatever the recipe (with ``exact`` they used to pass)."""
-    monkeypatch.setattr(kernelize.api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("kernelize.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(UsageError, match=message):
         kernelize.optimize(bert, recipe=recipe, measure_latency=False, **kwargs)
 

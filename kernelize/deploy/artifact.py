@@ -11,7 +11,8 @@ Layout::
 
 :func:`write` builds the folder in a temporary folder beside the destination and renames it,
 so there is never a half-written artifact. :func:`load` verifies the manifest and every
-checksum and refuses an artifact built for another machine. This module imports only the
+checksum and refuses an artifact built for another machine; its ``.tar.gz`` form is
+:mod:`kernelize.deploy.archive`'s. This module imports only the
 standard library at import time (numpy, onnx, onnxruntime and tvm are imported lazily where
 needed), so that it stays usable on a bare target.
 """
@@ -28,7 +29,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -561,7 +561,9 @@ def load(path: str | os.PathLike, check_target: bool = True) -> Artifact:
     elif tarfile.is_tarfile(source):
         tmp = tempfile.TemporaryDirectory(prefix="kernelize-artifact-")
         try:
-            folder = _extract(source, Path(tmp.name))
+            from kernelize.deploy.archive import extract
+
+            folder = extract(source, Path(tmp.name))
         except BaseException:
             tmp.cleanup()
             raise
@@ -580,99 +582,10 @@ def load(path: str | os.PathLike, check_target: bool = True) -> Artifact:
     return Artifact(folder, manifest, source, tmp)
 
 
-# ----------------------------------------------------------------------------- archives
+def __getattr__(name: str):
+    """``artifact.pack`` and ``artifact.unpack``, which live in :mod:`kernelize.deploy.archive`."""
+    if name in ("pack", "unpack"):
+        from kernelize.deploy import archive
 
-def pack(folder: str | os.PathLike, archive: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Verify ``folder`` and write it as one ``.tar.gz`` (default: beside it, named after it)
-    holding a single top-level folder. Written to a temporary file and renamed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise KernelizeError(f"artifact folder not found: {folder}")
-    manifest = verify(folder)
-    name = folder.resolve().name
-    archive = Path(archive) if archive is not None else folder.resolve().parent / f"{name}{ARCHIVE_SUFFIX}"
-    if archive.resolve().is_relative_to(folder.resolve()):
-        raise KernelizeError(f"the archive {archive} cannot be inside the artifact folder {folder}")
-    if archive.exists() and not force:
-        raise KernelizeError(f"archive {archive} exists (use --force to replace it)")
-    if not archive.resolve().parent.is_dir():
-        raise KernelizeError(f"parent folder of the archive does not exist: {archive.resolve().parent}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.resolve().parent)
-    try:
-        import gzip
-
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for member in sorted([MANIFEST, *manifest["files"]]):
-                info = tarfile.TarInfo(f"{name}/{member}")
-                info.size = (folder / member).stat().st_size
-                info.mode = 0o644
-                with open(folder / member, "rb") as fh:
-                    tar.addfile(info, fh)
-        os.replace(tmp_name, archive)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return archive
-
-
-def _extract(archive: Path, dest: Path) -> Path:
-    """Extract ``archive`` (one top-level folder of plain files) into ``dest``; return that
-    folder. Refuses links, devices and member paths that would land outside ``dest``."""
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise KernelizeError(f"cannot read archive {archive}: {str(err).splitlines()[0]}") from None
-    with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise KernelizeError(f"cannot read archive {archive}: {str(err).splitlines()[0] or 'truncated'}") from None
-        root = dest.resolve()
-        tops = set()
-        for member in members:
-            name = member.name
-            parts = Path(name).parts
-            if (not name or name.startswith(("/", "\\")) or ".." in parts or "\\" in name
-                    or os.path.isabs(name) or not (root / name).resolve().is_relative_to(root)):
-                raise KernelizeError(f"refusing archive {archive}: member {name!r} would be written outside "
-                                     "the target folder")
-            if not (member.isfile() or member.isdir()):
-                raise KernelizeError(f"refusing archive {archive}: member {name!r} is a link or special file")
-            tops.add(parts[0] if parts else "")
-        if len(tops) != 1 or "" in tops or "." in tops:
-            raise KernelizeError(f"not a kernelize artifact archive: {archive} must hold exactly one top-level "
-                                 "folder")
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        try:
-            tar.extractall(dest, members=members, **kwargs)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise KernelizeError(f"cannot extract archive {archive}: {str(err).splitlines()[0] or 'truncated'}") \
-                from None
-    folder = dest / tops.pop()
-    if not folder.is_dir():
-        raise KernelizeError(f"not a kernelize artifact archive: {archive} holds no folder")
-    return folder
-
-
-def unpack(archive: str | os.PathLike, dest: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Extract an artifact archive into the folder ``dest`` (default: beside the archive,
-    named after it), atomically; verify it; return the folder."""
-    archive = Path(archive)
-    if not archive.is_file():
-        raise KernelizeError(f"archive not found: {archive}")
-    if dest is None:
-        base = archive.name[: -len(ARCHIVE_SUFFIX)] if archive.name.endswith(ARCHIVE_SUFFIX) else archive.stem
-        dest = archive.resolve().parent / base
-    dest = Path(dest)
-    parent = output_parent(dest, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
-    try:
-        folder = _extract(archive, tmp)
-        verify(folder)
-        _replace(folder, dest, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
+        return getattr(archive, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
