@@ -13,7 +13,7 @@ For every (architecture, exporter) of ``kernelize.models.zoo``:
 Writes results/zoo.json and prints the README's markdown table (cells: kernelize fused/sites,
 error · onnxscript's attention ops).
 
-Run: .venv/bin/python benchmarks/zoo.py [--archs bert,gpt2] [--exporters dynamo,legacy] [--table]
+Run: .venv/bin/python benchmarks/zoo.py [--archs bert,gpt2] [--exporters dynamo,legacy] [--merge] [--table]
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def main():
     parser.add_argument("--archs", default=",".join(zoo.ARCHITECTURES))
     parser.add_argument("--exporters", default=",".join(zoo.EXPORTERS))
     parser.add_argument("--table", action="store_true", help="print the table of results/zoo.json and stop")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the rows run now in results/zoo.json, keep the others")
     args = parser.parse_args()
     if args.table:
         data = json.loads((RESULTS / "zoo.json").read_text())
@@ -145,6 +147,12 @@ def main():
         for exporter in args.exporters.split(","):
             rows.append(one(arch, exporter))
             print(rows[-1], flush=True)
+    previous = RESULTS / "zoo.json"
+    if args.merge and previous.exists():  # keep the other rows of the last full run
+        done = {(r["arch"], r["exporter"]) for r in rows}
+        old = [r for r in json.loads(previous.read_text())["rows"] if (r["arch"], r["exporter"]) not in done]
+        order = {a: i for i, a in enumerate(zoo.ARCHITECTURES)}
+        rows = sorted(old + rows, key=lambda r: (order.get(r["arch"], len(order)), zoo.EXPORTERS.index(r["exporter"])))
     ok = [r for r in rows if r["export"] == "ok"]
     exact = [r for r in ok if "error" in r.get("kernelize", {}) and r["kernelize"]["attention_sites"] == zoo.LAYERS
              and r["kernelize"]["softmax_left"] == 0 and r["kernelize"]["error"] <= 1e-4]

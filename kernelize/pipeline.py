@@ -133,6 +133,10 @@ def load_model(model: Any, example_inputs: Any = None) -> tuple[ir.Model, str]:
 
             module, inputs = torch_frontend.load_builder(text)
             return torch_frontend.capture(module, inputs), text
+        from kernelize.frontends import huggingface
+
+        if huggingface.is_model_folder(text):  # a Hugging Face model folder
+            return huggingface.load_folder(text)
         return onnx_frontend.load(text), text
     try:
         import torch
@@ -144,8 +148,8 @@ def load_model(model: Any, example_inputs: Any = None) -> tuple[ir.Model, str]:
         from kernelize.frontends import torch as torch_frontend
 
         return torch_frontend.capture(model, example_inputs), type(model).__name__
-    raise UsageError(f"cannot optimize a {type(model).__name__}: pass an ONNX path/bytes/ModelProto, "
-                     "a torch.nn.Module with example_inputs, or 'package.module:function'")
+    raise UsageError(f"cannot optimize a {type(model).__name__}: pass an ONNX path/bytes/ModelProto, a Hugging "
+                     "Face model folder, a torch.nn.Module with example_inputs, or 'package.module:function'")
 
 
 def sites_report(name, sites, misses) -> dict:

@@ -51,3 +51,22 @@ def test_folder_without_weights_names_what_is_missing(tmp_path):
     (tmp_path / "config.json").write_text((Path(minilm.model_dir()) / "config.json").read_text())
     with pytest.raises(KernelizeError, match="cannot load the model offline"):
         huggingface.load_folder(tmp_path)
+
+
+@pytest.mark.slow
+def test_inspect_takes_the_folder_on_the_command_line(capsys):
+    """``kernelize inspect <folder>``: the MiniLM folder's six attention sites are found."""
+    from kernelize.cli import main
+
+    assert main(["inspect", minilm.model_dir()]) == 0
+    out = capsys.readouterr().out
+    assert "attention" in out and "6" in out
+
+
+def test_a_folder_that_is_not_a_model_is_one_line_on_the_command_line(tmp_path, capsys):
+    from kernelize.cli import main
+
+    assert main(["optimize", str(tmp_path), "-o", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not a Hugging Face model folder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

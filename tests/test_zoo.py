@@ -26,22 +26,18 @@ from kernelize.models import zoo  # noqa: E402
 ATOL = 1e-4
 CASES = [(arch, exporter) for arch in zoo.ARCHITECTURES for exporter in zoo.EXPORTERS]
 FAST = {("bert", "legacy"), ("llama_gqa", "dynamo"), ("deberta_v2", "legacy"), ("torch_encoder", "dynamo_static")}
-WAVLM = ("not fused: torch.nn.functional.multi_head_attention_forward keeps heads merged into the batch axis "
-         "throughout ([B*H, n, d] Q, K^T via Transpose(1, 2, 0), V and scores); no 4-D tensor proves the head split")
 BAKED = ("export unusable: the TorchScript trace of torch's MultiheadAttention bakes batch * heads into Reshape "
          "constants, so the model runs only at its traced shape; kernelize stops with that one-line error")
 KNOWN_GAPS = {  # (architecture, exporter) -> why it is not fused or not exact
     **{(arch, "legacy"): BAKED for arch in ("torch_encoder", "torch_decoder", "torch_mha")},
-    **{("wavlm", exporter): WAVLM for exporter in zoo.EXPORTERS},
 }
 
 
 def _params():
     for case in CASES:
         marks = [] if case in FAST else [pytest.mark.slow]
-        if case in KNOWN_GAPS:  # kernelize's one-line error where it refuses, else the assertion
-            raises = KernelizeError if KNOWN_GAPS[case] is BAKED else AssertionError
-            marks.append(pytest.mark.xfail(strict=True, raises=raises, reason=KNOWN_GAPS[case]))
+        if case in KNOWN_GAPS:  # kernelize refuses with its one-line error
+            marks.append(pytest.mark.xfail(strict=True, raises=KernelizeError, reason=KNOWN_GAPS[case]))
         yield pytest.param(*case, marks=marks, id="-".join(case))
 
 

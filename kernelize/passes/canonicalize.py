@@ -602,12 +602,30 @@ def _shape_products(value: ir.Value | None, depth: int = 0) -> list | None:
     return None if elements is None else [_product([e]) for e in elements]
 
 
+def _inferred_product(d):
+    """An inferred dim as a :func:`_product`: ints, names, and ``c*name`` as symbolic shape
+    inference writes a multiple; None for anything else (an unnamed dim)."""
+    if isinstance(d, int):
+        return _product([d])
+    if not isinstance(d, str):
+        return None
+    factors = d.replace(" ", "").split("*")
+    if len(factors) == 2 and factors[0].isdigit() and not factors[1].isdigit():
+        return _product([int(factors[0]), factors[1]])
+    return _product([d])
+
+
 def _reshapes_to(reshape: ir.Node, wanted: list) -> bool:
     """Whether ``reshape``'s target is proven to be ``wanted`` (a list of factor lists);
-    one -1 is accepted (inferred from the others), a 0 is not (it would copy a dim)."""
+    one -1 is accepted (inferred from the others), a 0 is not (it would copy a dim). A target
+    computed by arithmetic this does not follow (a convolution stack's output length) is
+    taken as symbolic shape inference gave the output, when every dim of it is named."""
     if attr(reshape, "allowzero", 0) not in (0, 1):
         return False
     target = _shape_products(reshape.inputs[1])
+    if target is None and rank(reshape.outputs[0]) is not None:
+        target = [_inferred_product(d) for d in static_dims(reshape.outputs[0])]
+        target = None if None in target else target
     if target is None or len(target) != len(wanted):
         return False
     wild = 0
@@ -713,21 +731,19 @@ def _scaled(value: ir.Value):
     return mul.inputs[0], mul.inputs[1]
 
 
-def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
-    """Reshape(MatMul(merge(A), merge(C) or Transpose(merge(K), [0, 2, 1])) [* s | + t]..., [X, Y, a, c])
-    -> MatMul(A, C or Transpose(K, [0, 1, 3, 2])) [* s | + lift(t)]... (see above).
+def _lift_product(value: ir.Value, check_start: bool = True):
+    """``value`` = MatMul(merge(A), merge(C) or Transpose(merge(K), [0, 2, 1])) [* s | + t]...
+    on [X*Y, ...] tensors -> (new nodes computing it on [X, Y, ...], A, columns), else None.
 
-    ``merge(x)`` is Reshape([X, Y, p, q] -> [X*Y, p, q]); ``s`` a scalar constant; ``t`` a term
-    that broadcasts over the merged axis or is itself a merge of a [X, Y, ...] tensor (BLOOM's
-    ALiBi). The inner dimension of the product is the original MatMul's own (checked by it).
-    """
-    if node.op_type != "Reshape" or rank(node.inputs[0]) != 3 or rank(node.outputs[0]) != 4:
-        return False
-    chain, value = [], node.inputs[0]
+    ``merge(x)`` is Reshape([X, Y, p, q] -> [X*Y, p, q]); ``s`` a scalar constant (also on an
+    operand); ``t`` a term that broadcasts over the merged axis or is lifted to 4-D. The inner
+    dimension of the product is the original MatMul's own (checked by it)."""
+    chain, first = [], True
     while True:  # walk back over scalar scales and added terms to the product
         step = producer(value)
-        if step is None or len(value.uses()) != 1 or value.is_graph_output():
-            return False
+        if step is None or ((check_start or not first) and (len(value.uses()) != 1 or value.is_graph_output())):
+            return None
+        first = False
         if step.op_type == "MatMul":
             break
         if step.op_type == "Mul" and scalar_const(step.inputs[1]) is not None:
@@ -737,7 +753,7 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
         elif step.op_type == "Add" and _reaches_product(step.inputs[1]):
             chain.append((step, 1))
         else:
-            return False
+            return None
         value = step.inputs[chain[-1][1]]
     matmul = step
     (left, left_scale), (right, right_scale) = (_scaled(v) for v in matmul.inputs)
@@ -750,14 +766,12 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
     else:
         c, transposed = _merged_heads(right), False
     if a is None or c is None:
-        return False
+        return None
     da, dc = static_dims(a), static_dims(c)
     lead = da[:2]
     if dc[:2] != lead:
-        return False
+        return None
     columns = dc[2] if transposed else dc[3]
-    if not _reshapes_to(node, [[lead[0]], [lead[1]], [da[2]], [columns]]):
-        return False
     new: list[ir.Node] = []
     if transposed:
         new.append(ir.Node("", "Transpose", [c], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])], num_outputs=1))
@@ -776,15 +790,144 @@ def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
         else:
             term = _lift_bias(step.inputs[1 - sides[0]], lead, new, a, merged)
             if term is None:
-                return False
+                return None
             new.append(ir.Node("", "Add", [previous, term], num_outputs=1))
     for n in new:
         if n.op_type in ("MatMul", "Mul", "Add"):
-            n.outputs[0].shape, n.outputs[0].type = out_shape, node.outputs[0].type
+            n.outputs[0].shape, n.outputs[0].type = out_shape, matmul.outputs[0].type
+    return new, a, columns
+
+
+def batched_head_attention(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(product on merged heads, [X, Y, a, c]) -> the product on [X, Y, ...] (see
+    :func:`_lift_product`; BLOOM's baddbmm, DeBERTa's bmm)."""
+    if node.op_type != "Reshape" or rank(node.inputs[0]) != 3 or rank(node.outputs[0]) != 4:
+        return False
+    lifted = _lift_product(node.inputs[0])
+    if lifted is None:
+        return False
+    new, a, columns = lifted
+    da = static_dims(a)
+    if not _reshapes_to(node, [[da[0]], [da[1]], [da[2]], [columns]]):
+        return False
     graph.insert_before(node, new)
     return _bypass(graph, node, new[-1].outputs[0])
 
 
+def _merge_back(graph: ir.Graph, value4: ir.Value, like: ir.Value, new: list) -> ir.Value:
+    """Reshape([X, Y, p, q] -> [X*Y, p, q]) of ``value4``, shaped as ``like``."""
+    tail = ir.Node("", "Shape", [value4], attributes=[ir.AttrInt64("start", 2)], num_outputs=1)
+    minus_one = add_initializer(graph, ir.Value(name=f"{like.name}_merged_lead",
+                                                const_value=ir.tensor(np.array([-1], np.int64))))
+    shape = ir.Node("", "Concat", [minus_one, tail.outputs[0]], attributes=[ir.AttrInt64("axis", 0)], num_outputs=1)
+    merge = ir.Node("", "Reshape", [value4, shape.outputs[0]], num_outputs=1)
+    for n, dims in ((tail, [2]), (shape, [3])):
+        n.outputs[0].shape, n.outputs[0].type = ir.Shape(dims), ir.TensorType(ir.DataType.INT64)
+    merge.outputs[0].shape, merge.outputs[0].type = like.shape, like.type
+    new += [tail, shape, merge]
+    return merge.outputs[0]
+
+
+def merged_heads_softmax(graph: ir.Graph, node: ir.Node) -> bool:
+    """Softmax(product on merged heads [X*Y, n, m]) -> merge(Softmax(the product on
+    [X, Y, n, m])): torch's functional multi-head attention (WavLM) never leaves the merged
+    layout; the 4-D softmax is what the attention pattern takes."""
+    if node.op_type != "Softmax" or rank(node.inputs[0]) != 3 or attr(node, "axis", -1) not in (-1, 2):
+        return False
+    lifted = _lift_product(node.inputs[0])
+    if lifted is None:
+        return False
+    new, _, _ = lifted
+    softmax = ir.Node("", "Softmax", [new[-1].outputs[0]], attributes=[ir.AttrInt64("axis", -1)], num_outputs=1)
+    softmax.outputs[0].shape, softmax.outputs[0].type = new[-1].outputs[0].shape, node.outputs[0].type
+    new.append(softmax)
+    merged = _merge_back(graph, softmax.outputs[0], node.outputs[0], new)
+    graph.insert_before(node, new)
+    return _bypass(graph, node, merged)
+
+
+def merged_heads_output(graph: ir.Graph, node: ir.Node) -> bool:
+    """MatMul(merge(P), merge(V)) with P a softmax -> merge(MatMul(P, V)): the probabilities'
+    product with V on [X, Y, n, d], merged back for the model's own head merge."""
+    if node.op_type != "MatMul" or rank(node.outputs[0]) != 3:
+        return False
+    p = _merged_heads(node.inputs[0])
+    users = [u.node for u in node.outputs[0].uses()]
+    if p is None or producer(p, "Softmax") is None or (len(users) == 1 and users[0].op_type == "Reshape"
+                                                       and rank(users[0].outputs[0]) == 4):
+        return False  # not the attention output, or batched_head_attention's case
+    lifted = _lift_product(node.outputs[0], check_start=False)
+    if lifted is None:
+        return False
+    new, _, _ = lifted
+    merged = _merge_back(graph, new[-1].outputs[0], node.outputs[0], new)
+    graph.insert_before(node, new)
+    return _bypass(graph, node, merged)
+
+
+def split_merged_heads(graph: ir.Graph, node: ir.Node) -> bool:
+    """Reshape(x [n, B, E] -> [n, B*H, d]) read by a Transpose -> Reshape(Reshape(x, [n, B, H, d]),
+    [n, B*H, d]): the same values, with the 4-D [n, B, H, d] tensor made explicit for
+    :func:`transpose_merged_heads` (torch's functional multi-head attention)."""
+    if node.op_type != "Reshape" or rank(node.inputs[0]) != 3 or rank(node.outputs[0]) != 3:
+        return False
+    users = [u.node for u in node.outputs[0].uses()]
+    if len(users) != 1 or users[0].op_type != "Transpose" or [int(i) for i in attr(users[0], "perm", [])] not in (
+            [1, 0, 2], [1, 2, 0]):
+        return False
+    x = node.inputs[0]
+    dims, target = static_dims(x), _shape_products(node.inputs[1])
+    if target is None:  # a length computed by the convolution stack's arithmetic: as inferred
+        target = [_inferred_product(d) for d in static_dims(node.outputs[0])]
+    if None in target or len(target) != 3 or not isinstance(dims[2], int) or target[0] != _product([dims[0]]):
+        return False
+    head_size, (coefficient, symbols) = target[2], target[1]
+    lead = _product([dims[1]])
+    if head_size[1] or head_size[0] <= 0 or dims[2] % head_size[0] or symbols != lead[1] or lead[0] <= 0 \
+            or coefficient % lead[0]:
+        return False
+    heads, d = coefficient // lead[0], head_size[0]
+    if heads * d != dims[2] or heads < 2:
+        return False
+    split_shape = add_initializer(graph, ir.Value(name=f"{node.outputs[0].name}_heads",
+                                                  const_value=ir.tensor(np.array([0, 0, heads, d], np.int64))))
+    split = ir.Node("", "Reshape", [x, split_shape], num_outputs=1)  # 0 copies n and B
+    split.outputs[0].shape, split.outputs[0].type = ir.Shape([x.shape[0], x.shape[1], heads, d]), x.type
+    merge = ir.Node("", "Reshape", [split.outputs[0], node.inputs[1]], num_outputs=1)
+    merge.outputs[0].shape, merge.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+    graph.insert_before(node, [split, merge])
+    return _bypass(graph, node, merge.outputs[0])
+
+
+def transpose_merged_heads(graph: ir.Graph, node: ir.Node) -> bool:
+    """Transpose(Reshape(x [n, B, H, d] -> [n, B*H, d]), [1, 0, 2] or [1, 2, 0]) ->
+    merge(Transpose(x, [1, 2, 0, 3])) [then its K^T Transpose([0, 1, 3, 2])]: heads split
+    into [B, H, n, d] before the merged layout is taken again."""
+    if node.op_type != "Transpose":
+        return False
+    perm = [int(i) for i in attr(node, "perm", [])]
+    reshape = producer(node.inputs[0], "Reshape")
+    if perm not in ([1, 0, 2], [1, 2, 0]) or reshape is None or len(node.inputs[0].uses()) != 1:
+        return False
+    x = reshape.inputs[0]
+    if rank(x) != 4 or rank(node.inputs[0]) != 3:
+        return False
+    dx = static_dims(x)
+    if not _reshapes_to(reshape, [[dx[0]], [dx[1], dx[2]], [dx[3]]]):
+        return False
+    new = [ir.Node("", "Transpose", [x], attributes=[ir.AttrInt64s("perm", [1, 2, 0, 3])], num_outputs=1)]
+    s = list(x.shape)
+    new[0].outputs[0].shape, new[0].outputs[0].type = ir.Shape([s[1], s[2], s[0], s[3]]), x.type
+    if perm == [1, 2, 0]:
+        new.append(ir.Node("", "Transpose", [new[0].outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])],
+                           num_outputs=1))
+        new[1].outputs[0].shape, new[1].outputs[0].type = ir.Shape([s[1], s[2], s[3], s[0]]), x.type
+    merged = _merge_back(graph, new[-1].outputs[0], node.outputs[0], new)
+    graph.insert_before(node, new)
+    return _bypass(graph, node, merged)
+
+
 RULES = [shape_from_inputs, gemm_to_matmul, softmax_nan_guard, reshape_transpose_reshape, noop_reshape, noop_cast,
-         split_key_transpose, compose_transposes, split_heads_then_transpose, flattened_matmul, batched_head_attention,
-         tanh_gelu, div_to_mul, constant_last]
+         split_key_transpose, compose_transposes, split_heads_then_transpose, split_merged_heads, transpose_merged_heads,
+         flattened_matmul, batched_head_attention, merged_heads_softmax, merged_heads_output, tanh_gelu, div_to_mul,
+         constant_last]
