@@ -205,7 +205,10 @@ def _read_inputs(path: str, runner) -> dict:
                                  "input names")
         return {names[0]: data}
     with data:
-        return {key: data[key] for key in data.files}
+        try:
+            return {key: data[key] for key in data.files}
+        except ValueError as err:  # an object (pickled) array inside the archive
+            raise KernelizeError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
 
 def _write_outputs(path: str, outputs: dict) -> None:

@@ -40,6 +40,8 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as err:  # noqa: BLE001 - onnx raises several types
         raise KernelizeError(f"invalid ONNX model: {_first_line(err)}") from None
+    _check_initializer_sizes(proto.graph)
+    _drop_trailing_empty_inputs(proto.graph)
     return ir.from_proto(infer_shapes(proto))
 
 
@@ -73,6 +75,49 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as err:  # noqa: BLE001
         raise KernelizeError(f"shape inference failed: {_first_line(err)}") from None
+
+
+def _drop_trailing_empty_inputs(graph: onnx.GraphProto) -> None:
+    """An omitted optional input written as a trailing '' is the same as leaving it out, and
+    ONNX Runtime 1.2x crashes (SIGSEGV) on LayerNormalization(x, scale, '')."""
+    for node in graph.node:
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+
+
+def _check_initializer_sizes(graph: onnx.GraphProto) -> None:
+    """Every initializer holds as many elements as its dims say (ONNX's checker does not
+    look): a mismatch would surface as a NumPy error deep inside a pass."""
+    typed = {"float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"}
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if tensor.HasField("raw_data"):
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):
+                raise KernelizeError(f"invalid ONNX model: initializer {tensor.name!r} has an unknown "
+                                     f"data type {tensor.data_type}") from None
+            if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                continue  # packed two to a byte
+            held, needed = len(tensor.raw_data), count * itemsize
+        else:
+            fields = [f.name for f, _ in tensor.ListFields() if f.name in typed]
+            if not fields:
+                continue
+            held, needed = len(getattr(tensor, fields[0])), count * (
+                2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1)
+            if tensor.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.BOOL,
+                                    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                                    onnx.TensorProto.UINT16):
+                needed = count  # one int32_data entry per element
+        if held != needed:
+            raise KernelizeError(f"invalid ONNX model: initializer {tensor.name!r} holds {held} "
+                                 f"{'bytes' if tensor.HasField('raw_data') else 'values'}, its dims "
+                                 f"{list(tensor.dims)} and type need {needed}")
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:

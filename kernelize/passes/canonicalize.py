@@ -7,6 +7,7 @@ rounding); constant folding comes from onnxscript's optimizer.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 
 import numpy as np
@@ -24,6 +25,9 @@ def canonicalize(model: ir.Model) -> dict[str, int]:
     """Rewrite ``model`` in place; return how often each rule fired."""
     # Constant folding only: onnxscript's default rewrite rules re-scan the graph per match,
     # which grows quadratically with depth; the rules below cover what matching needs.
+    # its notes (e.g. "Skipping constant folding for op LayerNormalization with multiple
+    # outputs") are not the user's business and would break one-line errors
+    logging.getLogger("onnxscript.optimizer._constant_folding").setLevel(logging.ERROR)
     optimizer.fold_constants(model)
     counts: dict[str, int] = {}
     graph = model.graph
