@@ -29,6 +29,11 @@ class CapturedAttention:
     rel_linear: bool = False  # the pattern proved rel_bias linear in the offset at every length (ALiBi)
     rel_far_from: int = 0  # the pattern found rel_bias constant beyond this offset on each side (T5), or 0
 
+    @property
+    def count(self) -> int:
+        """How many samples :meth:`take` indexes."""
+        return len(self.query)
+
     def take(self, index) -> "CapturedAttention":
         """The samples ``index`` (a slice or index array over N)."""
         bias = None
@@ -56,6 +61,11 @@ class CapturedProjection:
     bias: np.ndarray | None  # [out_features]
     rows_per_call: int | None = None
 
+    @property
+    def count(self) -> int:
+        """How many tokens :meth:`take` indexes."""
+        return len(self.x)
+
     def take(self, index) -> "CapturedProjection":
         """The tokens ``index`` (a slice or index array)."""
         return dataclasses.replace(self, x=self.x[index])
@@ -75,10 +85,11 @@ class CapturedProjection:
 class Fitted:
     """A calibrated operator call for one site.
 
-    ``inputs`` are the weights that follow the site's own inputs in the operator's schema
-    (attention: after query, key, value, bias; projection: after x), in schema order,
-    None for an absent optional one. ``info`` is shown in the report (features, window,
-    recall, ...).
+    ``reads`` names the site's own inputs the operator reads, in its schema order (None: its
+    site kind's usual ones, attention ``query, key, value, bias``, projection ``x``; the site
+    kinds, :mod:`kernelize.passes.site_kinds`, say what each name is). ``inputs`` are the
+    weights that follow them in the schema, None for an absent optional one. ``info`` is shown
+    in the report (features, window, recall, ...).
     """
 
     method: str
@@ -86,6 +97,7 @@ class Fitted:
     attrs: dict[str, Any]
     inputs: list[np.ndarray | None] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reads: tuple[str, ...] | None = None
 
     def reference(self, *site_inputs):
         """The operator's NumPy reference on the site's inputs."""
@@ -97,17 +109,21 @@ class Fitted:
 class Method(abc.ABC):
     """One approximation, e.g. ``linear:hedgehog`` or ``sparse:window``.
 
-    ``kind`` is the site kind it applies to ("attention" or "projection").
+    ``kind`` is the site kind it applies to ("attention" or "projection"); ``reads`` the site
+    inputs its operator reads (None: the kind's usual ones; see :class:`Fitted`). A class that
+    names itself is registered on definition; a family of methods that differ only in
+    parameters registers one instance per entry of its table (:func:`register`).
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]
     causal_ok: ClassVar[bool] = True  # can handle a causal site
+    reads: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:  # a concrete method names itself; shared bases do not
-            METHODS[cls.name] = cls()
+            register(cls())
 
     @abc.abstractmethod
     def fit(self, captured, **options) -> Fitted | str:
@@ -117,6 +133,17 @@ class Method(abc.ABC):
     def cost(self, fitted: Fitted, shape: dict[str, int]) -> float:
         """Multiply-adds of one call at ``shape`` (attention: batch, heads, seq, head_size;
         projection: tokens, in_features, out_features)."""
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` available by its name (in :data:`METHODS`)."""
+    METHODS[method.name] = method
+    return method
+
+
+def methods_of(kind: str) -> list[str]:
+    """Names of the methods for sites of ``kind``, in registration order."""
+    return [name for name, method in METHODS.items() if method.kind == kind]
 
 
 def exact_attention_cost(shape: dict[str, int]) -> float:

@@ -31,7 +31,7 @@ import numpy as np
 
 from kernelize import ops
 from kernelize.errors import UsageError
-from kernelize.methods.base import CapturedProjection, Fitted, Method
+from kernelize.methods.base import CapturedProjection, Fitted, Method, register
 from kernelize.methods.projection import _least_squares_affine, relative_error
 from kernelize.ops import int8_linear
 
@@ -70,11 +70,17 @@ def gptq(weight: np.ndarray, x: np.ndarray, damp: float = 0.01, block: int = 128
 
 
 class Int8Method(Method):
-    name = "projection:int8"
+    """``Int8Linear`` with the activations quantized as ``activation`` says unless the options
+    name another; the instances are made from :data:`INT8_METHODS`."""
+
     kind = "projection"
 
-    def fit(self, captured: CapturedProjection, *, activation: str = "dynamic", alphas=ALPHAS, gptq: bool = True,
+    def __init__(self, name: str, activation: str):
+        self.name, self.activation = name, activation
+
+    def fit(self, captured: CapturedProjection, *, activation: str | None = None, alphas=ALPHAS, gptq: bool = True,
             **options):
+        activation = self.activation if activation is None else activation
         if activation not in int8_linear.ACTIVATIONS:
             raise UsageError(f"projection:int8 activation must be one of {', '.join(int8_linear.ACTIVATIONS)}, "
                              f"not {activation!r}")
@@ -136,12 +142,9 @@ class Int8Method(Method):
         return float(tokens * (in_features * out / 4 + 2 * in_features + out))
 
 
-class Int8StaticMethod(Int8Method):
-    """``projection:int8`` with static activation ranges (``activation="static"``): one
-    quantization pass less per call and, on MiniLM, a smaller error; refused (the site keeps
-    the other candidates) where calibration has fewer than ``MIN_STATIC_TOKENS`` tokens."""
-
-    name = "projection:int8-static"
-
-    def fit(self, captured: CapturedProjection, **options):
-        return super().fit(captured, **{"activation": "static", **options})
+# name -> activation quantization. ``static``: one quantization pass less per call and, on
+# MiniLM, a smaller error; refused (the site keeps the other candidates) where calibration has
+# fewer than ``MIN_STATIC_TOKENS`` tokens.
+INT8_METHODS = {"projection:int8": "dynamic", "projection:int8-static": "static"}
+for _name, _activation in INT8_METHODS.items():
+    register(Int8Method(_name, _activation))

@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost
-from kernelize.ops import feature_maps
+from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost, register
+from kernelize.ops import attention, feature_maps
 from kernelize.ops.linear_attention import CHUNK, EPSILON, key_keep
 
 CAUSAL_BIAS = -1e9
@@ -32,19 +32,12 @@ ERROR_SAMPLES = 4
 
 
 def exact_attention(captured: CapturedAttention) -> np.ndarray:
-    """softmax(Q K^T scale + bias [+ causal mask]) V in float64 (fully masked rows -> 0)."""
-    return _exact_probabilities(captured) @ np.asarray(captured.value, np.float64)
-
-
-def _exact_probabilities(captured: CapturedAttention) -> np.ndarray:
-    q, k = (np.asarray(a, np.float64) for a in (captured.query, captured.key))
-    scores = (q @ np.swapaxes(k, -1, -2)) * captured.scale
-    if captured.bias is not None:
-        scores = scores + np.maximum(np.asarray(captured.bias, np.float64), CAUSAL_BIAS)
-    if captured.causal:
-        scores = scores + np.triu(np.full(scores.shape[-2:], CAUSAL_BIAS), 1)
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+    """softmax(Q K^T scale + bias [+ causal mask]) V in float64 (the shared reference), the bias
+    floored and the causal mask added at ``CAUSAL_BIAS`` (a row whose keys are all masked
+    stays finite)."""
+    return attention.exact_attention(captured.query, captured.key, captured.value, captured.bias,
+                                     scale=captured.scale, causal=captured.causal, bias_floor=CAUSAL_BIAS,
+                                     causal_bias=CAUSAL_BIAS)
 
 
 def relative_error(fitted: Fitted, captured: CapturedAttention) -> float:
@@ -54,17 +47,41 @@ def relative_error(fitted: Fitted, captured: CapturedAttention) -> float:
     return float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-30))
 
 
+# -- feature parameters, shared with the RPE methods -----------------------------------------
+# ``parameters(captured, features, seed, steps, info) -> (feature_weight, feature_bias)``
+def no_parameters(captured, features, seed, steps, info):
+    """Parameter-free maps (elu, relu, cosformer): (None, None)."""
+    return None, None
+
+
+def favor_parameters(per_head: int):
+    """Performer FAVOR+: ``features`` (default ``per_head`` x head size) orthogonal random
+    features per head, drawn once with ``seed``."""
+    def parameters(captured, features, seed, steps, info):
+        heads, head_size = captured.query.shape[1], captured.query.shape[-1]
+        count = int(features) if features else per_head * head_size
+        info["seed"] = seed
+        return feature_maps.favor_weight(head_size, count, heads, seed), None
+
+    return parameters
+
+
+def hedgehog_parameters(captured, features, seed, steps, info):
+    """Hedgehog: a per-head softmax feature map trained on the captured queries and keys
+    (``features`` = M, default 2 x head size, so W starts as the identity; ``steps`` Adam steps,
+    default ``HEDGEHOG_STEPS``)."""
+    return train_hedgehog(captured, int(features) if features else None, seed,
+                          HEDGEHOG_STEPS if steps is None else int(steps), info)
+
+
 class LinearMethod(Method):
-    """Shared fit/cost of the linear attention methods. Subclasses name themselves (which
-    registers them) and the feature map, and override :meth:`parameters` where it has any."""
+    """One linear attention method: a name, its feature map and how the map's parameters are
+    fitted; the instances are made from :data:`LINEAR_METHODS`."""
 
     kind = "attention"
-    feature_map: str = ""
 
-    def parameters(self, captured: CapturedAttention, features: int | None, seed: int, steps: int,
-                   info: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(feature_weight, feature_bias) for ``captured``; parameter-free maps: (None, None)."""
-        return None, None
+    def __init__(self, name: str, feature_map: str, parameters=no_parameters):
+        self.name, self.feature_map, self.parameters = name, feature_map, parameters
 
     def fit(self, captured, features: int | None = None, seed: int = 0, steps: int | None = None,
             exact_below: int = 0, **options):
@@ -73,8 +90,7 @@ class LinearMethod(Method):
         if captured.causal and captured.query.shape[-2] != captured.key.shape[-2]:
             return "causal linear attention needs equal query and key lengths"
         info: dict = {}
-        weight, bias = self.parameters(captured, features, int(seed),
-                                       HEDGEHOG_STEPS if steps is None else int(steps), info)
+        weight, bias = self.parameters(captured, features, int(seed), steps, info)
         head_size = captured.query.shape[-1]
         count = 2 * head_size if self.feature_map == "cosformer" else feature_maps.feature_count(
             self.feature_map, head_size, weight)
@@ -107,44 +123,16 @@ class LinearMethod(Method):
         return projection + inside + states
 
 
-class LinearElu(LinearMethod):
-    name = "linear:elu"
-    feature_map = "elu"
-
-
-class LinearRelu(LinearMethod):
-    name = "linear:relu"
-    feature_map = "relu"
-
-
-class LinearCosformer(LinearMethod):
-    name = "linear:cosformer"
-    feature_map = "cosformer"
-
-
-class LinearFavor(LinearMethod):
-    """Performer FAVOR+: ``features`` (default 4 x head size) orthogonal random features per
-    head, drawn once with ``seed``."""
-
-    name = "linear:favor"
-    feature_map = "favor"
-
-    def parameters(self, captured, features, seed, steps, info):
-        heads, head_size = captured.query.shape[1], captured.query.shape[-1]
-        count = int(features) if features else 4 * head_size
-        info["seed"] = seed
-        return feature_maps.favor_weight(head_size, count, heads, seed), None
-
-
-class LinearHedgehog(LinearMethod):
-    """Hedgehog: a trained per-head softmax feature map (``features`` = M, default
-    2 x head size, so W starts as the identity)."""
-
-    name = "linear:hedgehog"
-    feature_map = "hedgehog"
-
-    def parameters(self, captured, features, seed, steps, info):
-        return train_hedgehog(captured, int(features) if features else None, seed, steps, info)
+# name -> (feature map, parameters); FAVOR+ defaults to 4 x head size features here
+LINEAR_METHODS = {
+    "linear:elu": ("elu", no_parameters),
+    "linear:relu": ("relu", no_parameters),
+    "linear:cosformer": ("cosformer", no_parameters),
+    "linear:favor": ("favor", favor_parameters(4)),
+    "linear:hedgehog": ("hedgehog", hedgehog_parameters),
+}
+for _name, (_map, _parameters) in LINEAR_METHODS.items():
+    register(LinearMethod(_name, _map, _parameters))
 
 
 def train_hedgehog(captured: CapturedAttention, features: int | None, seed: int, steps: int,

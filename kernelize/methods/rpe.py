@@ -24,11 +24,14 @@ import math
 
 import numpy as np
 
-from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost
-from kernelize.ops import feature_maps
+from kernelize.methods import linear
+from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost, register
+from kernelize.ops import attention, feature_maps
 from kernelize.ops.rpe_attention import DECAY_CHUNK, MASKED, band_chunk, fft_length, toeplitz
 
 ERROR_SAMPLES = 4
+# the site inputs RPEAttention reads before its weights: the Toeplitz vector and the mask beside it
+READS = ("query", "key", "value", "rel_bias", "mask")
 
 
 def key_padding(captured: CapturedAttention) -> np.ndarray | None | str:
@@ -59,16 +62,12 @@ def key_padding(captured: CapturedAttention) -> np.ndarray | None | str:
 
 
 def exact_output(captured: CapturedAttention, rel_bias: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
-    """softmax(Q K^T scale + T + padding [+ causal]) V in float64."""
-    q, k, v = (np.asarray(a, np.float64) for a in (captured.query, captured.key, captured.value))
-    s = q.shape[-2]
-    scores = (q @ np.swapaxes(k, -1, -2)) * captured.scale + toeplitz(np.asarray(rel_bias, np.float64), s)
-    if padding is not None:
-        scores = scores + np.maximum(padding, -1e9)
-    if captured.causal:
-        scores = scores + np.triu(np.full((s, s), -1e9), 1)
-    e = np.exp(scores - scores.max(-1, keepdims=True))
-    return (e / e.sum(-1, keepdims=True)) @ v
+    """softmax(Q K^T scale + T + padding [+ causal]) V in float64 (the shared reference; padding
+    floored and the causal mask added at -1e9)."""
+    s = captured.query.shape[-2]
+    return attention.exact_attention(captured.query, captured.key, captured.value, padding, scale=captured.scale,
+                                     causal=captured.causal, position=toeplitz(np.asarray(rel_bias, np.float64), s),
+                                     bias_floor=-1e9, causal_bias=-1e9)
 
 
 def decay_form(captured: CapturedAttention, rel_bias: np.ndarray) -> bool:
@@ -81,14 +80,14 @@ def decay_form(captured: CapturedAttention, rel_bias: np.ndarray) -> bool:
 
 
 class RPEMethod(Method):
-    """Shared fit/cost of the RPE methods; subclasses name themselves and ``feature_map``."""
+    """One RPE method: a name, its feature map and how the map's parameters are fitted (those
+    of the linear-attention methods); the instances are made from :data:`RPE_METHODS`."""
 
     kind = "attention"
-    feature_map: str = ""
+    reads = READS
 
-    def parameters(self, captured, features, seed, steps, info):
-        """(feature_weight, feature_bias); parameter-free maps: (None, None)."""
-        return None, None
+    def __init__(self, name: str, feature_map: str, parameters=linear.no_parameters):
+        self.name, self.feature_map, self.parameters = name, feature_map, parameters
 
     def fit(self, captured, features: int | None = None, seed: int = 0, steps: int | None = None,
             exact_below: int = 0, **options):
@@ -119,7 +118,8 @@ class RPEMethod(Method):
                  "decay": int(decay_form(captured, rel_bias))}
         attrs["far_from"] = 0 if attrs["decay"] else int(captured.rel_far_from)
         fitted = Fitted(self.name, "RPEAttention", attrs, [weight, fbias],
-                        {"features": feature_maps.feature_count(self.feature_map, head_size, weight), **info})
+                        {"features": feature_maps.feature_count(self.feature_map, head_size, weight), **info},
+                        reads=self.reads)
         sample = slice(0, ERROR_SAMPLES)
         part = plain.take(sample)
         approx = fitted.reference(part.query, part.key, part.value, rel_bias, part.bias).astype(np.float64)
@@ -155,38 +155,13 @@ class RPEMethod(Method):
         return projection + b * h * columns * per_column + kernel
 
 
-class RPEElu(RPEMethod):
-    name = "rpe:elu"
-    feature_map = "elu"
-
-
-class RPERelu(RPEMethod):
-    name = "rpe:relu"
-    feature_map = "relu"
-
-
-class RPEFavor(RPEMethod):
-    """FAVOR+ with ``features`` (default the head size: the FFT cost grows with M) random
-    features per head, drawn once with ``seed``."""
-
-    name = "rpe:favor"
-    feature_map = "favor"
-
-    def parameters(self, captured, features, seed, steps, info):
-        heads, head_size = captured.query.shape[1], captured.query.shape[-1]
-        info["seed"] = seed
-        return feature_maps.favor_weight(head_size, int(features) if features else head_size, heads, seed), None
-
-
-class RPEHedgehog(RPEMethod):
-    """Hedgehog features trained as for ``linear:hedgehog`` (``features`` = M, default 2 x head
-    size)."""
-
-    name = "rpe:hedgehog"
-    feature_map = "hedgehog"
-
-    def parameters(self, captured, features, seed, steps, info):
-        from kernelize.methods.linear import HEDGEHOG_STEPS, train_hedgehog
-
-        return train_hedgehog(captured, int(features) if features else None, seed,
-                              HEDGEHOG_STEPS if steps is None else int(steps), info)
+# name -> (feature map, parameters); FAVOR+ defaults to head size features here (the FFT cost
+# grows with M), hedgehog is trained as for ``linear:hedgehog``
+RPE_METHODS = {
+    "rpe:elu": ("elu", linear.no_parameters),
+    "rpe:relu": ("relu", linear.no_parameters),
+    "rpe:favor": ("favor", linear.favor_parameters(1)),
+    "rpe:hedgehog": ("hedgehog", linear.hedgehog_parameters),
+}
+for _name, (_map, _parameters) in RPE_METHODS.items():
+    register(RPEMethod(_name, _map, _parameters))

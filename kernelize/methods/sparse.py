@@ -21,6 +21,7 @@ from typing import Callable, ClassVar, Iterable
 import numpy as np
 
 from kernelize.methods.base import CapturedAttention, Fitted, Method, exact_attention_cost
+from kernelize.ops.attention import attention_probabilities
 from kernelize.ops.block_sparse_attention import MASKED_BIAS, block_sparse_allowed, block_sparse_cost
 from kernelize.ops.sliding_window_attention import sliding_window_allowed, sliding_window_cost
 from kernelize.ops.topk_attention import topk_cost
@@ -36,22 +37,17 @@ KS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 def exact_probabilities(captured: CapturedAttention, sample: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax rows of one sample, float64 [H, S, Sk], and the [S] bool of its real query
     rows (a row is padding when its own key position is masked: the diagonal of the mask)."""
-    q = np.asarray(captured.query[sample], np.float64)
-    k = np.asarray(captured.key[sample], np.float64)
-    scores = (q @ np.swapaxes(k, -1, -2)) * captured.scale
-    seq, seq_k = scores.shape[-2:]
+    q, k = captured.query[sample], captured.key[sample]
+    heads, seq, seq_k = q.shape[0], q.shape[-2], k.shape[-2]
     real = np.ones(seq, bool)
+    bias = None
     if captured.bias is not None:
         bias = captured.bias[sample if captured.bias.shape[0] == captured.query.shape[0] else 0]
-        bias = np.broadcast_to(np.asarray(bias, np.float64), scores.shape)
-        scores = scores + bias
+        bias = np.broadcast_to(np.asarray(bias, np.float64), (heads, seq, seq_k))
         if seq == seq_k:
             real = np.diagonal(bias[0]) > MASKED_BIAS
-    if captured.causal:
-        scores = np.where(np.tril(np.ones((seq, seq_k), bool)), scores, -np.inf)
-    peak = np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(scores - np.where(np.isfinite(peak), peak, 0.0))
-    return e / np.maximum(np.sum(e, axis=-1, keepdims=True), 1e-300), real
+    probs = attention_probabilities(q, k, bias, scale=captured.scale, causal=captured.causal, zero_empty=True)
+    return probs, real
 
 
 def shape_of(captured: CapturedAttention) -> dict[str, int]:

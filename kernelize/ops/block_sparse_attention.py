@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from kernelize.ops.attention import emit_sdpa, softmax
+from kernelize.ops.attention import emit_sdpa, exact_attention
 from kernelize.ops.base import Operator, const, emit_length_dispatch
 
 NEG = -1e30  # additive score of a dropped slot: finite, so no row turns NaN (empty rows are zeroed)
@@ -62,14 +62,7 @@ def masked_attention_reference(query, key, value, bias, scale: float, allowed: n
 
 def exact_reference(query, key, value, bias, scale: float, causal: bool) -> np.ndarray:
     """Exact attention (the ``exact_below`` path): kernelize.Attention plus the causal mask."""
-    q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
-    scores = (q @ np.swapaxes(k, -1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    if causal:
-        s_q, s_k = scores.shape[-2:]
-        scores = np.where(np.tril(np.ones((s_q, s_k), bool)), scores, -np.inf)
-    return (softmax(scores) @ v).astype(np.float32)
+    return exact_attention(query, key, value, bias, scale=scale, causal=causal).astype(np.float32)
 
 
 def block_sparse_allowed(seq: int, block: int, local_blocks: int, global_blocks: int, causal: bool) -> np.ndarray:

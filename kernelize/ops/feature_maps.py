@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernelize.ops.attention import softmax
+
 FEATURE_MAPS = ("elu", "relu", "favor", "hedgehog")
 ROLES = ("query", "key")
 
@@ -76,11 +78,6 @@ def favor_weight(head_size: int, features: int, heads: int, seed: int = 0) -> np
 
 
 # -- NumPy -----------------------------------------------------------------------------------
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
 def reference(kind: str, x: np.ndarray, role: str, weight=None, bias=None) -> np.ndarray:
     """Features of ``x [..., H, S, D]`` (float64 in and out): ``[..., H, S, M]``."""
     check(kind, role, weight, bias)
@@ -96,7 +93,7 @@ def reference(kind: str, x: np.ndarray, role: str, weight=None, bias=None) -> np
         stabilizer = np.max(exponent, axis=axes, keepdims=True)
         return np.exp(exponent - stabilizer) / np.sqrt(w.shape[-1])
     z = x @ w + np.asarray(bias, np.float64)
-    return np.concatenate([_softmax(z), _softmax(-z)], axis=-1)
+    return np.concatenate([softmax(z), softmax(-z)], axis=-1)
 
 
 # -- ONNX ------------------------------------------------------------------------------------

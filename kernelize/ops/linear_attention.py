@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from kernelize.ops import feature_maps
-from kernelize.ops.attention import emit_sdpa, softmax
+from kernelize.ops.attention import emit_sdpa, exact_attention
 from kernelize.ops.base import Operator, const, emit_length_dispatch
 
 FEATURE_MAPS = feature_maps.FEATURE_MAPS + ("cosformer",)
@@ -94,12 +94,8 @@ class LinearAttention(Operator):
         if causal and q.shape[-2] != k.shape[-2]:
             raise ValueError("causal linear attention needs equal query and key lengths")
         if q.shape[-2] < exact_below:
-            scores = (q @ np.swapaxes(k, -1, -2)) * scale
-            if bias is not None:
-                scores = scores + bias
-            if causal:
-                scores = scores + np.triu(np.full(scores.shape[-2:], CAUSAL_BIAS), 1)
-            return (softmax(scores) @ v).astype(np.float32)
+            return exact_attention(q, k, v, bias, scale=scale, causal=bool(causal),
+                                   causal_bias=CAUSAL_BIAS).astype(np.float32)
         root = math.sqrt(scale)
         phi_q, phi_k = reference_features(feature_map, q * root, k * root, feature_weight, feature_bias)
         if bias is not None:

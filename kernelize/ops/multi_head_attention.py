@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.graph import const_array
-from kernelize.ops.attention import emit_sdpa, softmax
+from kernelize.ops.attention import emit_sdpa, exact_attention
 from kernelize.ops.base import Operator, add_initializer, const, function_inputs, swap_in
 
 
@@ -32,10 +32,7 @@ class MultiHeadAttention(Operator):
             return y.reshape(batch, seq, num_heads, width // num_heads).transpose(0, 2, 1, 3)
 
         q, k, v = split(xq, wq, bq), split(xk, wk, bk), split(xv, wv, bv)
-        scores = (q @ np.swapaxes(k, -1, -2)) * scale
-        if bias is not None:
-            scores = scores + bias
-        out = softmax(scores) @ v
+        out = exact_attention(q, k, v, bias, scale=scale)
         batch, _, seq, _ = out.shape
         return out.transpose(0, 2, 1, 3).reshape(batch, seq, -1).astype(np.float32)
 

@@ -66,6 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.ops import feature_maps as fm
+from kernelize.ops.attention import exact_attention
 from kernelize.ops.base import Operator, const, emit_length_dispatch
 
 MASKED = -1e4  # a key-padding bias at or below this drops the key
@@ -140,12 +141,6 @@ def band_chunk(far_from: int) -> int:
     return max(16, -(-far_from // 16) * 16)
 
 
-def _softmax(x):
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
 class RPEAttention(Operator):
     name = "RPEAttention"
     inputs = ("query", "key", "value", "rel_bias", "bias?", "feature_weight?", "feature_bias?")
@@ -162,13 +157,10 @@ class RPEAttention(Operator):
         c = np.asarray(rel_bias, np.float64)
         if c.shape[-1] != 2 * n - 1:
             raise ValueError(f"rel_bias has {c.shape[-1]} offsets, expected 2n - 1 = {2 * n - 1}")
-        tri = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
         if n < exact_below:
-            scores = (q @ np.swapaxes(k, -1, -2)) * scale + toeplitz(c, n)
-            if bias is not None:
-                scores = scores + np.asarray(bias, np.float64)
-            scores = np.where(tri, scores, -np.inf)
-            return (_softmax(scores) @ v).astype(np.float32)
+            return exact_attention(q, k, v, bias, scale=scale, causal=bool(causal),
+                                   position=toeplitz(c, n)).astype(np.float32)
+        tri = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
         root = math.sqrt(scale)
         phi_q = fm.reference(feature_map, q * root, "query", feature_weight, feature_bias)
         phi_k = fm.reference(feature_map, k * root, "key", feature_weight, feature_bias)

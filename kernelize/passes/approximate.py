@@ -4,7 +4,9 @@ candidate method and measure what it costs in accuracy and gains in speed.
 Works on the canonical model, before the exact fusions: an attention core (Softmax-anchored,
 head-split Q, K, V) or a projection (MatMul by a constant weight, optional bias Add) that
 gets an approximate operator is no longer seen by the exact patterns; everything else is
-fused exactly afterwards. Selection under the accuracy budget is :mod:`kernelize.passes.select`.
+fused exactly afterwards. What differs between kinds of site is each kind's strategy
+(:mod:`kernelize.passes.site_kinds`, looked up by ``site.kind``); this module holds what they
+share. Selection under the accuracy budget is :mod:`kernelize.passes.select`.
 """
 
 from __future__ import annotations
@@ -18,35 +20,16 @@ import onnx
 import onnx_ir as ir
 
 import kernelize.methods  # noqa: F401  (importing registers every approximation method)
-from kernelize import ops
 from kernelize.backends import ort as ort_backend
 from kernelize.errors import UsageError
-from kernelize.graph import const_array, only_user, producer, rank
-from kernelize.methods.base import METHODS, CapturedAttention, CapturedProjection, Fitted, exact_attention_cost
+from kernelize.methods.base import METHODS, Fitted, methods_of
 from kernelize.passes import calibrate
 from kernelize.passes.fuse import apply_site
-from kernelize.patterns.attention import AttentionPattern
+from kernelize.passes.site_kinds import KINDS as SITE_KINDS
+from kernelize.passes.site_kinds import ApproxSite, Scan  # noqa: F401  (ApproxSite: part of this module's API)
 from kernelize.patterns.site import NearMiss, Site
 
-KINDS = ("attention", "projection")
-MAX_PROJECTION_TOKENS = 8192  # calibration tokens kept per projection site
-
-
-@dataclasses.dataclass
-class ApproxSite:
-    """A site an approximate rewrite may replace."""
-
-    id: str  # "attention[3]", "projection[12]"
-    kind: str
-    layer: int | None  # transformer layer (attention order), None when unknown
-    site: Site
-    toeplitz: Any = None  # kernelize.patterns.positional.Toeplitz, for relative-position biases
-    name: str = ""  # a readable label: "layer 3 attention", "layer 3 MatMul(384x1536)"
-
-    def describe(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "layer": self.layer, "name": self.name,
-                **{k: v for k, v in self.site.info.items() if k in ("heads", "head_size", "mask", "in_features",
-                                                                     "out_features")}}
+KINDS = tuple(SITE_KINDS)  # "attention", "projection"
 
 
 @dataclasses.dataclass
@@ -83,7 +66,7 @@ class Candidate:
 def methods_for(kind: str, specs: list[str] | None) -> list[str]:
     """Method names of ``kind`` named by ``specs`` ("linear", "linear:favor+", "sparse:window",
     "shiftadd", ...); all of that kind when ``specs`` is None."""
-    names = [n for n, m in METHODS.items() if m.kind == kind]
+    names = methods_of(kind)
     if specs is None:
         return names
     chosen = []
@@ -109,6 +92,12 @@ def parse_rewrites(items: list[str] | None) -> dict[str, list[str]]:
     return result
 
 
+def inputs_read(method_names) -> set[str]:
+    """The site inputs the named methods' operators read (each method's ``reads``, or its
+    kind's usual ones)."""
+    return {name for n in method_names for name in (METHODS[n].reads or SITE_KINDS[METHODS[n].kind].reads)}
+
+
 def parse_layers(text: str | None) -> set[int] | None:
     """"3-5,8" -> {3, 4, 5, 8}."""
     if text is None:
@@ -127,193 +116,45 @@ def parse_layers(text: str | None) -> set[int] | None:
 
 
 # -- sites --------------------------------------------------------------------------------
-def find(model: ir.Model, kinds=KINDS, layers: set[int] | None = None, toeplitz: bool = False):
-    """The sites approximate rewrites may take, in graph order, and near misses."""
-    pattern = AttentionPattern()
-    attention: list[Site] = []
-    misses: list[NearMiss] = []
-    nodes = list(model.graph)
-    position = {n: i for i, n in enumerate(nodes)}
-    for node in nodes:
-        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
-            result = pattern.core(node, model)
-            if isinstance(result, Site):
-                attention.append(result)
-            elif isinstance(result, str):
-                misses.append(NearMiss("attention", "attention", node.name or node.outputs[0].name, result))
-    starts = [min((position[p] for p in _feeding_projections(s)), default=position[s.nodes[-1]])
-              for s in attention]
-
-    def layer_of(node: ir.Node) -> int | None:
-        before = [i for i, start in enumerate(starts) if start <= position[node]]
-        return before[-1] if before else None
-
+def find(model: ir.Model, kinds=KINDS, layers: set[int] | None = None, reads=()):
+    """The sites approximate rewrites may take, in graph order (kind by kind), and near misses.
+    ``reads``: the site inputs the candidate methods read (see :func:`inputs_read`)."""
+    scan = Scan(model, reads)
     sites: list[ApproxSite] = []
-    if "attention" in kinds:
-        for i, s in enumerate(attention):
-            s.index = i
-            entry = ApproxSite(f"attention[{i}]", "attention", i, s, name=f"layer {i} attention")
-            if toeplitz and s.inputs[3] is not None:
-                entry.toeplitz = _match_toeplitz(s.inputs[3], model)
-            sites.append(entry)
-    if "projection" in kinds:
-        count = 0
-        for node in nodes:
-            result = _projection(node)
-            if result is None:
-                continue
-            if isinstance(result, str):
-                misses.append(NearMiss("projection", "projection", node.name or node.outputs[0].name, result))
-                continue
-            result.index = count
-            layer = layer_of(node)
-            label = f"layer {layer} " if layer is not None else ""
-            sites.append(ApproxSite(f"projection[{count}]", "projection", layer, result,
-                                    name=f"{label}MatMul({result.info['in_features']}x{result.info['out_features']})"))
-            count += 1
+    misses: list[NearMiss] = []
+    # a kind that numbers the layers is found first (the others' sites are placed in them),
+    # whichever kinds are asked for; otherwise kinds come in registration order
+    for name, kind in sorted(SITE_KINDS.items(), key=lambda item: not item[1].numbers_layers):
+        if name not in kinds and not kind.numbers_layers:
+            continue
+        found, missed = kind.find(scan)
+        misses += missed
+        if name in kinds:
+            sites += found
     if layers is not None:
         sites = [s for s in sites if s.layer in layers]
     return sites, misses
 
 
-def _match_toeplitz(bias: ir.Value, model: ir.Model):
-    try:
-        from kernelize.patterns.positional import match_toeplitz
-    except ImportError:  # pragma: no cover - the positional patterns are optional
-        return "relative-position patterns unavailable"
-    return match_toeplitz(bias, model)
-
-
-def _feeding_projections(site: Site) -> list[ir.Node]:
-    """The MatMuls by constant weights that Q, K and V come from (through reshapes,
-    transposes, bias adds and scalings)."""
-    found = []
-    for value in site.inputs[:3]:
-        for _ in range(8):
-            node = producer(value)
-            if node is None:
-                break
-            if node.op_type == "MatMul" and const_array(node.inputs[1]) is not None:
-                found.append(node)
-                break
-            value = node.inputs[0]
-    return found
-
-
-def _projection(node: ir.Node) -> Site | str | None:
-    """x @ W (+ b) with a constant 2-D W: a projection site (None: not a MatMul at all)."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-        return None
-    x, w = node.inputs
-    weight = const_array(w)
-    if weight is None:
-        if producer(w) is not None and producer(w).op_type == "Transpose" and rank(w) == 4:
-            return None  # Q.K^T inside attention: not a projection
-        if rank(w) == 2:
-            return "projection weight is not a constant: left dense"
-        return None
-    if weight.ndim != 2 or rank(x) not in (2, 3):
-        return None
-    nodes, out, bias = [node], node.outputs[0], None
-    add = only_user(out, "Add")
-    if add is not None and not out.is_graph_output():
-        b = const_array(add.inputs[1])
-        if b is not None and b.ndim == 1 and b.shape[0] == weight.shape[1]:
-            nodes, out, bias = [node, add], add.outputs[0], add.inputs[1]
-    info = {"in_features": int(weight.shape[0]), "out_features": int(weight.shape[1]), "bias": bias is not None}
-    return Site("projection", "projection", "", nodes, [x, w, bias], [out], {}, info)
-
-
 # -- capture ------------------------------------------------------------------------------
 def capture(model: ir.Model, sites: list[ApproxSite], calib: calibrate.CalibrationSet) -> dict[str, Any]:
-    """Each site's activations over all calibration samples: CapturedAttention or
-    CapturedProjection by site id. Nodes a site needs (a boolean mask's Where, the
-    relative-position vector) are added to ``model`` first."""
+    """Each site's activations over all calibration samples (CapturedAttention,
+    CapturedProjection, ...) by site id, and other views of them under their kinds' keys.
+    Nodes a site needs (a boolean mask's Where, the relative-position vector) are added to
+    ``model`` first."""
     names: list[str] = []
     for s in sites:
-        site = s.site
-        if s.kind == "attention":
-            _insert_feeding_nodes(model, s)
-            names += [v.name for v in site.inputs if v is not None]
-            if _has_toeplitz(s):
-                names += [v.name for v in (s.toeplitz.rel_bias, s.toeplitz.mask) if v is not None]
-        else:
-            names.append(site.inputs[0].name)
+        kind = SITE_KINDS[s.kind]
+        kind.prepare(model, s)
+        names += kind.capture_names(s)
     name_values(model)
     names = list(dict.fromkeys(names))
     values = calibrate.run(model, calib, names=names)
     mask = calib.token_mask()
     captured: dict[str, Any] = {}
     for s in sites:
-        site = s.site
-        if s.kind == "attention":
-            q, k, v, bias = (values[x.name] if x is not None else None for x in site.inputs)
-            causal = _is_causal(s)
-            # a causal mask is the operators' ``causal`` attribute, not a bias
-            entry = CapturedAttention(q, k, v, None if causal else bias, float(site.attrs["scale"]), causal)
-            captured[s.id] = entry
-            if _has_toeplitz(s):  # what the RPE methods see: the Toeplitz vector and the remaining mask
-                rel = values[s.toeplitz.rel_bias.name]
-                rel = rel.reshape(rel.shape[-2:]) if rel.ndim > 2 else rel
-                mask_value = s.toeplitz.mask
-                captured[rpe_key(s.id)] = dataclasses.replace(
-                    entry, bias=values[mask_value.name] if mask_value is not None else None, rel_bias=rel,
-                    causal=bool(s.toeplitz.causal) or entry.causal, rel_linear=s.toeplitz.source == "alibi",
-                    rel_far_from=int(s.toeplitz.info.get("far_from", 0)))
-        else:
-            x, rows = projection_tokens(values[site.inputs[0].name], mask)
-            captured[s.id] = CapturedProjection(x, const_array(site.inputs[1]),
-                                                const_array(site.inputs[2]) if site.inputs[2] is not None else None,
-                                                rows_per_call=rows)
+        captured.update(SITE_KINDS[s.kind].capture(s, values, mask))
     return captured
-
-
-def projection_tokens(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, int | None]:
-    """A projection input's calibration rows ``[tokens, in]`` (padding dropped; a seeded
-    subsample of ``MAX_PROJECTION_TOKENS`` beyond that) and the rows one sample holds on
-    average (None for a 2-D input)."""
-    samples = x.shape[0] if x.ndim == 3 else None
-    if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:
-        x = x[mask]
-    x = x.reshape(-1, x.shape[-1])
-    rows = max(len(x) // samples, 1) if samples else None
-    if len(x) > MAX_PROJECTION_TOKENS:
-        x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_PROJECTION_TOKENS, replace=False))]
-    return x, rows
-
-
-def rpe_key(site_id: str) -> str:
-    """Key of a site's activations as the relative-position methods see them."""
-    return f"{site_id}/rpe"
-
-
-def _is_causal(s: ApproxSite) -> bool:
-    """The site's mask is exactly the causal one (then it becomes the ``causal`` attribute)."""
-    return s.kind == "attention" and s.site.info.get("mask") == "causal"
-
-
-def _has_toeplitz(s: ApproxSite) -> bool:
-    return s.toeplitz is not None and not isinstance(s.toeplitz, str)
-
-
-def _insert_feeding_nodes(model: ir.Model, s: ApproxSite) -> None:
-    """Put the new nodes a site's operator reads (a boolean mask's Where, the nodes computing
-    the relative-position vector) into ``model``, once, before the site."""
-    groups = [s.site.extra_nodes] + ([s.toeplitz.nodes] if _has_toeplitz(s) else [])
-    for nodes in groups:
-        if nodes:
-            model.graph.insert_before(s.site.nodes[0], nodes)
-            _register_constants(model, nodes)
-    s.site.extra_nodes = []
-    if _has_toeplitz(s):
-        s.toeplitz.nodes = []
-
-
-def _register_constants(model: ir.Model, nodes: list[ir.Node]) -> None:
-    for node in nodes:
-        for v in node.inputs:
-            if v is not None and v.const_value is not None and v.producer() is None and not v.is_initializer():
-                ops.base.add_initializer(model.graph, v)
 
 
 def name_values(model: ir.Model) -> None:
@@ -330,56 +171,17 @@ def name_values(model: ir.Model) -> None:
 
 
 # -- fitting and measuring ------------------------------------------------------------------
-def site_shape(s: ApproxSite, captured, batch: int = 1) -> dict[str, int]:
-    if s.kind == "attention":
-        _, heads, seq, head_size = captured.query.shape
-        return {"batch": batch, "heads": heads, "seq": seq, "head_size": head_size}
-    tokens = captured.x.shape[0]
-    return {"tokens": tokens, "in_features": captured.weight.shape[0], "out_features": captured.weight.shape[1]}
-
-
-def exact_output(s: ApproxSite, captured) -> np.ndarray:
-    if s.kind == "attention":
-        return _exact_attention(captured)
-    return captured.exact()
-
-
-def evaluate(s: ApproxSite, captured, fitted: Fitted) -> np.ndarray:
-    """The fitted operator's reference output on the site's activations (float64); a
-    projection's rows one model call (``rows_per_call``) at a time, as the model runs them."""
-    if s.kind == "projection":
-        return np.concatenate([fitted.reference(captured.x[part]) for part in captured.calls()]).astype(np.float64)
-    return fitted.reference(*site_inputs(s, captured, fitted)).astype(np.float64)
-
-
-def _exact_attention(c: CapturedAttention) -> np.ndarray:
-    bias = c.bias
-    if c.causal:
-        s, sk = c.query.shape[-2], c.key.shape[-2]
-        causal = np.where(np.tril(np.ones((s, sk), bool), sk - s), 0.0, -np.inf)
-        bias = causal if bias is None else bias + causal
-    return ops.get("Attention").reference(c.query, c.key, c.value, bias, scale=c.scale)
-
-
-def site_inputs(s: ApproxSite, captured, fitted: Fitted) -> list:
-    """The site's own inputs of ``fitted.op`` (before its weights), as arrays."""
-    if s.kind == "projection":
-        return [captured.x]
-    if fitted.op == "RPEAttention":  # ``captured`` is the site's RPE view (see :func:`capture`)
-        return [captured.query, captured.key, captured.value, captured.rel_bias, captured.bias]
-    return [captured.query, captured.key, captured.value, captured.bias]
-
-
 def fit_candidates(s: ApproxSite, captured: dict, method_names: list[str], options: dict | None = None,
                    say: Callable[[str], None] = lambda m: None) -> list[Candidate]:
     """Fit each method on the fitting half of the site's activations (``captured`` is the
-    dict :func:`capture` returned) and measure the site error on the held-out half."""
+    dict :func:`capture` returned; each method gets the view its kind gives it) and measure
+    the site error on the held-out half."""
+    kind = SITE_KINDS[s.kind]
     candidates = []
     for name in method_names:
-        view = captured.get(rpe_key(s.id)) if name.startswith("rpe:") else captured[s.id]
-        if view is None:
-            reason = s.toeplitz if isinstance(s.toeplitz, str) else "the attention has no relative-position bias"
-            candidates.append(Candidate(s.id, name, None, reason))
+        view = kind.view(captured, s, METHODS[name])
+        if isinstance(view, str):  # why the method does not apply here
+            candidates.append(Candidate(s.id, name, None, view))
             continue
         candidates += _fit(s, view, captured[s.id], [name], options, say)
     return candidates
@@ -387,20 +189,22 @@ def fit_candidates(s: ApproxSite, captured: dict, method_names: list[str], optio
 
 def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict | None,
          say: Callable[[str], None]) -> list[Candidate]:
-    n = len(captured.query) if s.kind == "attention" else len(captured.x)
+    """``captured``: the view the methods are fitted on; ``full``: the site's activations,
+    whose exact output the fits are judged against. Samples (or tokens, in sample order):
+    the first half fits, the rest judges."""
+    kind = SITE_KINDS[s.kind]
+    n = captured.count
     half = (n + 1) // 2 if n > 1 else n
-    if s.kind == "attention":
-        fit_part, test_part = captured.take(slice(0, half)), captured.take(slice(half, n) if n > 1 else slice(0, n))
-    else:  # tokens in sample order: the first half's tokens fit, the rest judge
-        fit_part, test_part = captured.take(slice(0, half)), captured.take(slice(half, n) if n > 1 else slice(0, n))
-    exact = exact_output(s, full.take(slice(half, n) if n > 1 else slice(0, n)) if s.kind == "attention"
-                         else test_part)
+    held_out = slice(half, n) if n > 1 else slice(0, n)
+    fit_part, test_part = captured.take(slice(0, half)), captured.take(held_out)
+    exact = kind.exact_output(full.take(held_out))
     candidates = []
-    shape = site_shape(s, captured)
+    shape = kind.shape(captured)
     for name in method_names:
         method = METHODS[name]
-        if s.kind == "attention" and captured.causal and not method.causal_ok:
-            candidates.append(Candidate(s.id, name, None, "does not support causal attention"))
+        refused = kind.refuses(method, captured)
+        if refused:
+            candidates.append(Candidate(s.id, name, None, refused))
             continue
         say(f"  {s.id}: fitting {name}")
         start = time.perf_counter()
@@ -413,11 +217,10 @@ def _fit(s: ApproxSite, captured, full, method_names: list[str], options: dict |
         if isinstance(fitted, str):
             candidates.append(Candidate(s.id, name, None, fitted, fit_s=elapsed))
             continue
-        approx = evaluate(s, test_part, fitted)
+        approx = kind.evaluate(test_part, fitted)
         rel = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), 1e-30))
         cost = method.cost(fitted, shape)
-        base = exact_attention_cost(shape) if s.kind == "attention" else \
-            float(shape["tokens"] * shape["in_features"] * shape["out_features"])
+        base = kind.exact_cost(shape)
         candidates.append(Candidate(s.id, name, fitted, site_error=rel,
                                     site_max_abs=float(np.max(np.abs(approx - exact))),
                                     estimated_speedup=base / cost if cost > 0 else None, fit_s=elapsed))
@@ -436,12 +239,7 @@ def rewrite(model: ir.Model, sites: list[ApproxSite], choices: dict[str, Fitted]
         weights = [None if w is None else ir.Value(name=f"{s.id}_{fitted.method}_w{i}",
                                                   const_value=ir.tensor(np.ascontiguousarray(w)))
                    for i, w in enumerate(fitted.inputs)]
-        if s.kind == "attention":
-            q, k, v, bias = core.inputs
-            inputs = [q, k, v, s.toeplitz.rel_bias, s.toeplitz.mask] if fitted.op == "RPEAttention" \
-                else [q, k, v, None if _is_causal(s) else bias]
-        else:
-            inputs = [core.inputs[0]]
+        inputs = SITE_KINDS[s.kind].operator_inputs(s, fitted)
         site = Site(s.kind, fitted.method, fitted.op, core.nodes, inputs + weights, core.outputs,
                     dict(fitted.attrs), {}, [], core.index)
         node = apply_site(model, site)
@@ -451,13 +249,13 @@ def rewrite(model: ir.Model, sites: list[ApproxSite], choices: dict[str, Fitted]
     return nodes
 
 
-def variant(base: onnx.ModelProto, kinds, layers, toeplitz: bool, choices: dict[str, Fitted]) -> ir.Model:
+def variant(base: onnx.ModelProto, kinds, layers, reads, choices: dict[str, Fitted]) -> ir.Model:
     """A fresh copy of ``base`` with ``choices`` applied (sites are found again in the copy)."""
     model = ir.from_proto(base)
-    sites, _ = find(model, kinds, layers, toeplitz)
+    sites, _ = find(model, kinds, layers, reads)
     wanted = [s for s in sites if s.id in choices]
     for s in wanted:
-        _insert_feeding_nodes(model, s)
+        SITE_KINDS[s.kind].prepare(model, s)
     rewrite(model, wanted, choices)
     return model
 
@@ -480,8 +278,7 @@ def measure_times(s: ApproxSite, captured, fitted: Fitted, seq: int | None = Non
     other load on the machine disturbs least). Cached per operator, attributes, weight
     shapes and thread count: sites of the same shape are timed once."""
     key = (s.kind, fitted.op, repr(sorted(fitted.attrs.items())), seq, threads,
-           tuple(None if w is None else np.shape(w) for w in fitted.inputs),
-           tuple(captured.query.shape[1:]) if s.kind == "attention" else tuple(captured.weight.shape))
+           tuple(None if w is None else np.shape(w) for w in fitted.inputs), SITE_KINDS[s.kind].timing_key(captured))
     if key not in _TIMINGS:
         _TIMINGS[key] = _time_site(s, captured, fitted, seq, runs, threads)
     return _TIMINGS[key]
@@ -489,30 +286,7 @@ def measure_times(s: ApproxSite, captured, fitted: Fitted, seq: int | None = Non
 
 def _time_site(s: ApproxSite, captured, fitted: Fitted, seq: int | None, runs: int,
                threads: int) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    if s.kind == "attention":
-        _, heads, length, head_size = captured.query.shape
-        length = seq or length
-        arrays = [rng.standard_normal((1, heads, length, head_size)).astype(np.float32) for _ in range(3)]
-        exact_model = _one_node("Attention", arrays + [None], [], {"scale": captured.scale})
-        approx_inputs = list(arrays)
-        if fitted.op == "RPEAttention":
-            rel = np.zeros((heads, 2 * length - 1), np.float32)
-            if captured.rel_bias is not None:
-                c = captured.rel_bias
-                mid = c.shape[-1] // 2
-                idx = np.clip(np.arange(-(length - 1), length) + mid, 0, c.shape[-1] - 1)
-                rel = c[..., idx].reshape(-1, 2 * length - 1).astype(np.float32)
-            approx_inputs += [rel, None]
-        else:
-            approx_inputs += [None]
-        approx_model = _one_node(fitted.op, approx_inputs, fitted.inputs, fitted.attrs)
-    else:
-        x = rng.standard_normal((seq or 128, captured.weight.shape[0])).astype(np.float32)
-        exact_model = _matmul_model(x, captured.weight, captured.bias)
-        arrays = [x]
-        approx_model = _one_node(fitted.op, [x], fitted.inputs, fitted.attrs)
-    feeds = {f"in{i}": a for i, a in enumerate(arrays)}
+    exact_model, approx_model, feeds = SITE_KINDS[s.kind].timing_models(captured, fitted, seq)
     sessions = [ort_backend.session(m, threads=threads) for m in (exact_model, approx_model)]
     times = [[], []]
     for _ in range(runs + 1):
@@ -522,47 +296,3 @@ def _time_site(s: ApproxSite, captured, fitted: Fitted, seq: int | None, runs: i
             times[i].append(time.perf_counter() - start)
     exact_t, approx_t = (float(np.min(t[1:])) * 1e3 for t in times)
     return exact_t, approx_t
-
-
-def _one_node(op_name: str, site_arrays: list, weights: list, attrs: dict) -> ir.Model:
-    """A model of one kernelize operator: the site's arrays are graph inputs, weights are
-    initializers."""
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 20}, name=op_name)
-    model = ir.Model(graph, ir_version=10)
-    values = []
-    for i, a in enumerate(site_arrays):
-        if a is None:
-            values.append(None)
-            continue
-        if i < 3:  # query, key, value (or a projection's x): graph inputs
-            v = ir.Value(name=f"in{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape))
-            graph.inputs.append(v)
-        else:
-            v = ops.base.add_initializer(graph, ir.Value(name=f"c{i}", const_value=ir.tensor(a)))
-        values.append(v)
-    for i, w in enumerate(weights):
-        values.append(None if w is None else
-                      ops.base.add_initializer(graph, ir.Value(name=f"w{i}", const_value=ir.tensor(np.asarray(w)))))
-    node = ops.get(op_name).make_node(model, values, attrs)
-    graph.append(node)
-    node.outputs[0].name = "out"
-    graph.outputs.append(node.outputs[0])
-    return model
-
-
-def _matmul_model(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> ir.Model:
-    xv = ir.Value(name="in0", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x.shape))
-    graph = ir.Graph([xv], [], nodes=[], opset_imports={"": 20}, name="dense")
-    w = ops.base.add_initializer(graph, ir.Value(name="w", const_value=ir.tensor(weight.astype(np.float32))))
-    node = ir.Node("", "MatMul", [xv, w], num_outputs=1)
-    graph.append(node)
-    out = node.outputs[0]
-    if bias is not None:
-        b = ops.base.add_initializer(graph, ir.Value(name="b", const_value=ir.tensor(bias.astype(np.float32))))
-        add = ir.Node("", "Add", [out, b], num_outputs=1)
-        graph.append(add)
-        out = add.outputs[0]
-    out.name = "out"
-    graph.outputs.append(out)
-    return ir.Model(graph, ir_version=10)
-

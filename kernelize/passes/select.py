@@ -20,7 +20,6 @@ import numpy as np
 import onnx_ir as ir
 
 from kernelize.errors import UsageError
-from kernelize.graph import const_array
 from kernelize.passes import approximate, calibrate
 
 RECIPE_KINDS = {"fast": ("attention", "projection"), "edge": ("projection",)}
@@ -120,14 +119,15 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     if budget < 0:
         raise UsageError(f"--max-error must be >= 0 (got {max_error})")
     metric_name, metric_fn = resolve_metric(metric)
-    toeplitz = any(n.startswith("rpe:") for names in names_by_kind.values() for n in names)
+    # the site inputs the candidates read (a relative-position vector is matched only if one reads it)
+    reads = approximate.inputs_read(n for names in names_by_kind.values() for n in names)
 
     say("calibration: loading inputs")
     calib = calib if isinstance(calib, calibrate.CalibrationSet) else calibrate.load(model, calib)
     approximate.name_values(model)  # captured values are fetched by name, in every variant
     base = ir.to_proto(model)  # every variant starts from this; capture works on a copy
     work = ir.from_proto(base)
-    sites, misses = approximate.find(work, kinds, layers, toeplitz)
+    sites, misses = approximate.find(work, kinds, layers, reads)
     section = {"recipe": recipe, "kinds": list(kinds), "calibration": calib.source,
                "calibration_samples": {"fit": calib.fit.stop - calib.fit.start,
                                        "held_out": calib.held_out.stop - calib.held_out.start},
@@ -147,7 +147,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     fit_feeds, held_feeds = calib.part(calib.fit), calib.part(calib.held_out)
 
     def end_to_end(choices, which="fit"):
-        candidate = approximate.variant(base, kinds, layers, toeplitz, choices)
+        candidate = approximate.variant(base, kinds, layers, reads, choices)
         if which == "fit":
             return metric_fn(reference_fit, calibrate.run(candidate, calib, calib.fit), fit_feeds)
         return metric_fn(reference_held, calibrate.run(candidate, calib, calib.held_out), held_feeds)
@@ -195,7 +195,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
         excluded: set[tuple[str, str]] = set()
         while chosen:
             if sequential:
-                _refit_sequentially(base, sites, chosen, calib, method_options, (kinds, layers, toeplitz), say)
+                _refit_sequentially(base, sites, chosen, calib, method_options, (kinds, layers, reads), say)
             say(f"verifying {len(chosen)} rewrite(s) together on held-out samples")
             held_out_error = end_to_end({k: c.fitted for k, c in chosen.items()}, "held_out")
             if held_out_error <= budget:
@@ -209,7 +209,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
             chosen = {k: _copy(c) for k, c in _choose(sites, remaining, budget, forced, goal).items()}
         for site_id, c in chosen.items():
             s = next(x for x in sites if x.id == site_id)
-            if s.kind == "attention" and "exact_below" in c.fitted.attrs:
+            if "exact_below" in c.fitted.attrs:  # an operator that runs exact below some length
                 say(f"{site_id}: timing {c.method} against exact attention at several lengths")
                 c.fitted.attrs["exact_below"], c.fitted.info["speedup_by_length"] = \
                     _crossover(s, captured[s.id], c.fitted, calib.seq)
@@ -217,7 +217,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     if select and chosen and goal == "time" and not forced:
         say("timing the rewritten model against the exact one (batch 1)")
         section["latency"] = latency = _compare_latency(base, approximate.variant(
-            base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), calib, threads)
+            base, kinds, layers, reads, {k: c.fitted for k, c in chosen.items()}), calib, threads)
         if latency["speedup"] < 1.0:  # a rewrite is taken for speed only: none pays off
             section["not_faster"] = {k: c.method for k, c in chosen.items()}
             chosen = {}
@@ -257,34 +257,34 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
                              f"{section['held_out_error']:.4g}"
     if not chosen:
         return ir.from_proto(base), section
-    return approximate.variant(base, kinds, layers, toeplitz, {k: c.fitted for k, c in chosen.items()}), section
+    return approximate.variant(base, kinds, layers, reads, {k: c.fitted for k, c in chosen.items()}), section
 
 
 def _refit_sequentially(base, sites, chosen: dict, calib, method_options, variant_args, say) -> None:
-    """Refit the chosen projections in model order (GPTQ's order): each layer's sites on the
-    activations of the model with every earlier choice applied (already refit), so that each
-    fit sees the inputs it will get. Fitting half of the calibration set only; attention
-    choices keep their fit."""
-    from kernelize.methods.base import METHODS, CapturedProjection
+    """Refit the chosen rewrites of the kinds that allow it (projections) in model order
+    (GPTQ's order): each layer's sites on the activations of the model with every earlier
+    choice applied (already refit), so that each fit sees the inputs it will get. Fitting half
+    of the calibration set only; other choices (attention) keep their fit."""
+    from kernelize.methods.base import METHODS
+    from kernelize.passes.site_kinds import KINDS
 
     order = {s.id: i for i, s in enumerate(sites)}
-    projections = sorted((s for s in sites if s.kind == "projection" and s.id in chosen), key=lambda s: order[s.id])
-    if not projections:
+    refits = sorted((s for s in sites if KINDS[s.kind].sequential and s.id in chosen), key=lambda s: order[s.id])
+    if not refits:
         return
     mask = calib.token_mask(calib.fit)
-    applied = {k: c.fitted for k, c in chosen.items() if k not in {s.id for s in projections}}
-    layers = list(dict.fromkeys(s.layer for s in projections))
+    applied = {k: c.fitted for k, c in chosen.items() if k not in {s.id for s in refits}}
+    layers = list(dict.fromkeys(s.layer for s in refits))
     for layer in layers:
-        group = [s for s in projections if s.layer == layer]
-        say(f"sequential calibration: {len(group)} projection(s) of layer {layer}")
+        group = [s for s in refits if s.layer == layer]
+        say(f"sequential calibration: {len(group)} {'/'.join(dict.fromkeys(s.kind for s in group))}(s) "
+            f"of layer {layer}")
         model = approximate.variant(base, *variant_args, applied) if applied else base
-        values = calibrate.run(model, calib, calib.fit, names=[s.site.inputs[0].name for s in group])
+        values = calibrate.run(model, calib, calib.fit,
+                               names=[n for s in group for n in KINDS[s.kind].capture_names(s)])
         for s in group:
             c = chosen[s.id]
-            weight = const_array(s.site.inputs[1])
-            bias = const_array(s.site.inputs[2]) if s.site.inputs[2] is not None else None
-            x, rows = approximate.projection_tokens(values[s.site.inputs[0].name], mask)
-            refit = METHODS[c.method].fit(CapturedProjection(x, weight, bias, rows_per_call=rows),
+            refit = METHODS[c.method].fit(KINDS[s.kind].capture(s, values, mask)[s.id],
                                           **(method_options or {}).get(c.method, {}))
             if not isinstance(refit, str):
                 refit.info["sequential"] = True
