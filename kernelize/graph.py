@@ -86,16 +86,6 @@ def is_internal(nodes: Iterable[ir.Node], keep: Iterable[ir.Value]) -> str | Non
     return None
 
 
-def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """For a binary node with ``value`` as one operand, the other operand."""
-    a, b = node.inputs[0], node.inputs[1]
-    if a is value:
-        return b
-    if b is value:
-        return a
-    return None
-
-
 class Dim:
     """Symbolic dimension ``axis`` of ``value`` (resolved at run time)."""
 

@@ -24,6 +24,14 @@ from kernelize.methods.projection import relative_error
 from kernelize.ops import lut_linear, shift_add_linear
 from test_ops import assert_close, build, normal, rng_for, run
 
+
+def dense_weight(codes: np.ndarray, scale: np.ndarray, terms: int, in_features: int) -> np.ndarray:
+    """The float64 weight ``[in, out]`` ShiftAddLinear's codes stand for (decoded here, as the
+    operator's reference does, to check the encoding)."""
+    signs, shifts = shift_add_linear.unpack_codes(codes, terms, in_features)
+    return np.sum(signs * 2.0 ** (-shifts), axis=1) * np.asarray(scale, np.float64)
+
+
 WEIGHTS_SA = {"codes", "scale", "bias"}
 WEIGHTS_LUT = {"prototypes", "tables", "scale", "offset"}
 
@@ -90,7 +98,7 @@ def test_shift_add_codes_round_trip():
         order = np.concatenate([first, 1 - first], axis=1)
         assert np.array_equal(back_shifts, np.take_along_axis(shifts, order, 1))
         assert np.array_equal(back_signs, np.take_along_axis(signs, order, 1))
-        assert np.array_equal(shift_add_linear.dense_weight(codes, np.ones(3), 2, in_features),
+        assert np.array_equal(dense_weight(codes, np.ones(3), 2, in_features),
                               np.sum(signs * 2.0 ** -shifts, axis=1))
 
 
@@ -118,12 +126,12 @@ def test_shift_add_representable_values_match_the_codes():
     all_codes[0] = first | (first << 4)
     all_codes[4] = rest >> 2
     all_codes[5] = rest & 3
-    decoded = shift_add_linear.dense_weight(all_codes, np.ones(128), 2, 8)[0]
+    decoded = dense_weight(all_codes, np.ones(128), 2, 8)[0]
     assert np.array_equal(np.unique(decoded), values) and len(values) == 114
     assert np.array_equal(np.sum(signs * 2.0 ** -shifts, axis=1), values)
     assert 0.0 not in values and np.min(np.abs(values)) == 2.0**-8
     grid = np.geomspace(2.0**-7, 1.0, 20001) * np.where(np.arange(20001) % 2, 1, -1)
-    nearest = shift_add_linear.dense_weight(projection._nearest_codes(grid[:, None], 2), np.ones(1), 2, 20001)[:, 0]
+    nearest = dense_weight(projection._nearest_codes(grid[:, None], 2), np.ones(1), 2, 20001)[:, 0]
     relative = np.abs(nearest - grid) / np.abs(grid)
     assert relative.max() <= 1 / 11 + 1e-12 and relative.mean() < 0.035, (relative.max(), relative.mean())
 
@@ -320,7 +328,7 @@ def test_shift_add_fit_zero_column_and_rounding():
     peak = np.max(np.abs(weight), axis=0)
     live = peak > 0
     assert np.all((start[live] >= 0.5 * peak[live] - 1e-12) & (start[live] <= peak[live] + 1e-12))
-    approx = shift_add_linear.dense_weight(projection._nearest_codes(weight / start, 2), start, 2, 24)
+    approx = dense_weight(projection._nearest_codes(weight / start, 2), start, 2, 24)
     assert relative_error(approx[:, live], weight[:, live]) < 0.05
 
 

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from kernelize import ops
 from kernelize.errors import KernelizeError
+from kernelize.timing import latency_summary
 
 
 def lower(model: ir.Model) -> dict[str, int]:
@@ -78,7 +79,8 @@ def run(sess, feeds: dict[str, np.ndarray], names=None) -> dict[str, np.ndarray]
 
 
 def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median and spread of ``runs`` timed calls (after ``warmup`` calls)."""
+    """Median and spread of ``runs`` timed calls (after ``warmup`` calls): see
+    :func:`kernelize.timing.latency_summary`."""
     names = [sess.get_outputs()[0].name]
     for _ in range(warmup):
         run(sess, feeds, names)  # a model that cannot run says why in one line
@@ -87,9 +89,7 @@ def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int =
         start = time.perf_counter()
         sess.run(names, feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"median_ms": float(np.median(times)), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "runs": runs}
+    return latency_summary(times)
 
 
 def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, warmup: int = 2) -> list[dict]:
@@ -106,12 +106,7 @@ def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, war
             start = time.perf_counter()
             sessions[i].run(names[i], feeds)
             times[i].append((time.perf_counter() - start) * 1e3)
-    result = []
-    for t in times:
-        t.sort()
-        result.append({"median_ms": float(np.median(t)), "p10_ms": t[len(t) // 10],
-                       "p90_ms": t[(9 * len(t)) // 10], "runs": rounds})
-    return result
+    return [latency_summary(t) for t in times]
 
 
 def save_ort_format(model_bytes: bytes, path) -> None:

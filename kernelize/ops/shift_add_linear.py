@@ -179,12 +179,6 @@ def accumulate(xq: np.ndarray, codes: np.ndarray, terms: int) -> np.ndarray:
     return acc.astype(np.int64)
 
 
-def dense_weight(codes: np.ndarray, scale: np.ndarray, terms: int, in_features: int) -> np.ndarray:
-    """The float64 weight ``[in, out]`` the codes stand for."""
-    signs, shifts = unpack_codes(codes, terms, in_features)
-    return np.sum(signs * 2.0 ** (-shifts), axis=1) * np.asarray(scale, np.float64)
-
-
 class ShiftAddLinear(Operator):
     name = "ShiftAddLinear"
     inputs = ("x", "codes", "scale", "bias?")
