@@ -27,15 +27,11 @@ def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = 
     report.txt and manifest.json (signature, target, versions, rewrites with their errors,
     SHA-256 of every file), atomically."""
     from kernelize.backends import ort as ort_backend
-    from kernelize.passes import verify
 
     out_path = Path(out_path)
     parent = artifact.output_parent(out_path, force)
     inputs, outputs = artifact.signature_from_onnx(model)
-    for entry, value in zip(inputs, model.graph.inputs):  # random token ids stay inside the table
-        rows = verify.embedding_rows(model, value)
-        if rows:
-            entry["range"] = [0, int(rows)]
+    _token_ranges(inputs, model)
     proto = ir.to_proto(model)
     manifest = {"backend": "ort", "inputs": inputs, "outputs": outputs, "target": target,
                 "opsets": {op.domain or "ai.onnx": op.version for op in proto.opset_import}}
@@ -56,6 +52,19 @@ def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = 
         return artifact.write(out_path, files, manifest, report, force)
 
 
+def _token_ranges(inputs: list[dict], model: ir.Model) -> None:
+    """``range`` [0, rows) on each integer input that indexes an embedding table (random
+    inputs stay inside it; the runner refuses ids outside it)."""
+    from kernelize.passes import verify
+
+    values = {v.name: v for v in model.graph.inputs}
+    for entry in inputs:
+        value = values.get(entry["name"])
+        rows = verify.embedding_rows(model, value) if value is not None else None
+        if rows:
+            entry["range"] = [0, int(rows)]
+
+
 def write_tvm_artifact(built, model: ir.Model, report: dict, out_path: Path, force: bool = False) -> Path:
     """Write the artifact folder of a TVM build: the compiled library (``model.so``;
     ``model.tar`` of objects when the target's cross linker is missing, with a note in the
@@ -65,7 +74,9 @@ def write_tvm_artifact(built, model: ir.Model, report: dict, out_path: Path, for
     linker = built.target.linker
     name = "model.tar" if linker is not None and shutil.which(linker) is None else "model.so"
     _, outputs = artifact.signature_from_onnx(model)
-    manifest = {"backend": "tvm", "entry": "main", "model": name, "inputs": built.inputs, "outputs": outputs,
+    inputs = [dict(entry) for entry in built.inputs]
+    _token_ranges(inputs, model)  # the runner refuses ids past the table: TVM's Gather does not
+    manifest = {"backend": "tvm", "entry": "main", "model": name, "inputs": inputs, "outputs": outputs,
                 "target": artifact.describe_target("tvm", preset=built.target.name,
                                                    string=built.target.describe())}
     if name == "model.tar":

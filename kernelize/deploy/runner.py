@@ -77,8 +77,25 @@ def validate(signature: list[dict], feeds: Mapping[str, Any]) -> dict:
                         raise KernelizeError(f"input {name!r} has {dim}={got} at dim {axis}, but input "
                                              f"{bound[dim][1]!r} has {dim}={bound[dim][0]}")
                     bound.setdefault(dim, (got, name))
+        _check_range(name, entry.get("range"), value)
         out[name] = np.ascontiguousarray(value)
     return out
+
+
+def _check_range(name: str, bounds, value) -> None:
+    """Integer inputs inside the manifest's [low, high) (the rows of the embedding table they
+    index): a TVM build reads past the table instead of refusing (a crash, or a silently wrong
+    result)."""
+    if bounds is None or value.dtype.kind not in "iu" or value.size == 0:
+        return
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
+            and bounds[0] < bounds[1]):
+        raise KernelizeError(f"the manifest's range for input {name!r} is not [low, high) with low < high: {bounds}")
+    low, high = int(value.min()), int(value.max())
+    if low < bounds[0] or high >= bounds[1]:
+        bad = low if low < bounds[0] else high
+        raise KernelizeError(f"input {name!r} holds {bad}, outside [{bounds[0]}, {bounds[1]}) (the rows of the "
+                             "table it indexes)")
 
 
 def resolve_shapes(signature: list[dict], shapes: Mapping[str, int] | None = None) -> dict[str, list[int]]:
