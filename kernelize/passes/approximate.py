@@ -29,7 +29,7 @@ from kernelize.passes.site_kinds import KINDS as SITE_KINDS
 from kernelize.passes.site_kinds import ApproxSite, Scan  # noqa: F401  (ApproxSite: part of this module's API)
 from kernelize.patterns.site import NearMiss, Site
 
-KINDS = tuple(SITE_KINDS)  # "attention", "projection"
+KINDS = tuple(SITE_KINDS)  # the built-in kinds: "attention", "projection"
 
 
 @dataclasses.dataclass
@@ -85,9 +85,9 @@ def parse_rewrites(items: list[str] | None) -> dict[str, list[str]]:
     for item in items or []:
         kind, sep, spec = item.partition("=")
         kind = kind.strip().lower()
-        if not sep or kind not in KINDS or not spec.strip():
+        if not sep or kind not in SITE_KINDS or not spec.strip():
             raise UsageError(f"bad --rewrite {item!r}: expected KIND=METHOD[|METHOD...] with KIND one of "
-                             f"{', '.join(KINDS)} (e.g. attention=linear:hedgehog)")
+                             f"{', '.join(SITE_KINDS)} (e.g. attention=linear:hedgehog)")
         result[kind] = methods_for(kind, spec.replace(",", "|").split("|"))
     return result
 
@@ -116,9 +116,11 @@ def parse_layers(text: str | None) -> set[int] | None:
 
 
 # -- sites --------------------------------------------------------------------------------
-def find(model: ir.Model, kinds=KINDS, layers: set[int] | None = None, reads=()):
-    """The sites approximate rewrites may take, in graph order (kind by kind), and near misses.
-    ``reads``: the site inputs the candidate methods read (see :func:`inputs_read`)."""
+def find(model: ir.Model, kinds=None, layers: set[int] | None = None, reads=()):
+    """The sites approximate rewrites may take, in graph order (kind by kind; ``kinds``: all
+    registered ones when None), and near misses. ``reads``: the site inputs the candidate
+    methods read (see :func:`inputs_read`)."""
+    kinds = tuple(SITE_KINDS) if kinds is None else kinds
     scan = Scan(model, reads)
     sites: list[ApproxSite] = []
     misses: list[NearMiss] = []

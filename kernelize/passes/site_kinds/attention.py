@@ -33,6 +33,7 @@ def positional_key(site_id: str) -> str:
 
 class AttentionKind(SiteKind):
     name = "attention"
+    site_inputs = ("query", "key", "value", "bias", "rel_bias", "mask")
     reads = ("query", "key", "value", "bias")
     numbers_layers = True
 

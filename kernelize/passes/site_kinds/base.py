@@ -68,6 +68,7 @@ class SiteKind(abc.ABC):
     """One kind of site; a subclass that names itself is registered in :data:`KINDS`."""
 
     name: ClassVar[str]
+    site_inputs: ClassVar[tuple[str, ...]]  # every site input an operator may read (:meth:`arrays`, :meth:`graph_inputs`)
     reads: ClassVar[tuple[str, ...]]  # the site inputs an operator reads unless its Fitted names others
     numbers_layers: ClassVar[bool] = False  # its sites number the layers: found first, whatever is asked for
     sequential: ClassVar[bool] = False  # chosen rewrites may be refit in model order (sequential calibration)

@@ -20,6 +20,7 @@ MAX_PROJECTION_TOKENS = 8192  # calibration tokens kept per projection site
 
 class ProjectionKind(SiteKind):
     name = "projection"
+    site_inputs = ("x",)
     reads = ("x",)
     sequential = True
 
