@@ -42,9 +42,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     else:
         from kernelize.api import RECIPES
 
+    from kernelize import __version__
+
     parser = _Parser(prog="kernelize", description="Fuse transformer subgraphs into fast, verified operators.")
+    parser.add_argument("--version", action="version", version=f"kernelize {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    model_help = ("an .onnx file or 'package.module:function' returning (torch.nn.Module, example_inputs); "
+    model_help = ("an .onnx file, a Hugging Face model folder, or 'package.module:function' returning "
+                  "(torch.nn.Module, example_inputs); "
                   f"default: the embedded all-MiniLM-L6-v2 ({DEFAULT_MODEL})")
 
     opt = sub.add_parser("optimize", help="optimize a model and write an artifact folder",

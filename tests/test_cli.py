@@ -211,3 +211,12 @@ def test_sigterm_while_writing_leaves_no_partial_output(tmp_path, capsys, monkey
         signal.signal(signal.SIGTERM, previous)
     assert code == 143 and err.strip() == "kernelize: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_version(capsys):
+    import kernelize
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kernelize {kernelize.__version__}"
