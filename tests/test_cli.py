@@ -220,3 +220,19 @@ def test_version(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"kernelize {kernelize.__version__}"
+
+
+def test_artifacts_follow_the_umask(tmp_path, capsys):
+    """The artifact folder, its files and a packed archive get the modes a plain mkdir/open
+    would give (mkdtemp and mkstemp make them private), issue 13."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert main(["optimize", _no_attention_model(str(tmp_path / "tiny.onnx")), "-o", str(out), "-q",
+                     "--no-latency"]) == 0
+        assert main(["pack", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {(f.stat().st_mode & 0o777) for f in out.iterdir()} == {0o644}
+    assert (tmp_path / "out.tar.gz").stat().st_mode & 0o777 == 0o644

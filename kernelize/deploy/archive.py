@@ -42,6 +42,7 @@ def pack(folder: str | os.PathLike, archive: str | os.PathLike | None = None, fo
                 info.mode = 0o644
                 with open(folder / member, "rb") as fh:
                     tar.addfile(info, fh)
+        os.chmod(tmp_name, artifact.user_mode(0o666))  # mkstemp makes it private
         os.replace(tmp_name, archive)
     except BaseException:
         if os.path.exists(tmp_name):

@@ -349,6 +349,13 @@ def output_parent(out_path: Path, force: bool = False, inputs=()) -> Path:
     return parent
 
 
+def user_mode(mode: int) -> int:
+    """``mode`` with the process's umask applied (what a plain ``open``/``mkdir`` would give)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def write(out_path: str | os.PathLike, files: Mapping[str, bytes | str | os.PathLike],
           manifest_fields: Mapping[str, Any], report: Mapping | None, force: bool = False) -> Path:
     """Write an artifact folder atomically and return its path.
@@ -416,6 +423,7 @@ def write(out_path: str | os.PathLike, files: Mapping[str, bytes | str | os.Path
         manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                              for name in sorted(contents)}
         (tmp / MANIFEST).write_text(dumps(manifest))
+        tmp.chmod(user_mode(0o777))  # mkdtemp makes it private; the artifact follows the user's umask
         _replace(tmp, out_path, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
