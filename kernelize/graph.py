@@ -195,3 +195,20 @@ def same_shape(target: list, dims: list, allowzero: bool = False) -> bool:
             continue
         return False
     return wild <= 1
+
+
+def bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> bool:
+    """Let the users of ``node``'s output read ``replacement``; drop the node if unused."""
+    out = node.outputs[0]
+    if out.is_graph_output():
+        # the replacement takes over the output's role and name, unless it has a role already
+        if replacement.is_graph_input() or replacement.is_graph_output() or replacement.is_initializer():
+            return False
+        ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+        name = out.name
+        graph.remove(node, safe=True)
+        replacement.name = name
+        return True
+    ir.convenience.replace_all_uses_with(out, replacement)
+    graph.remove(node, safe=True)
+    return True
