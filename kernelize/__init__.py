@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"Result": "kernelize.api", "inspect": "kernelize.api", "optimize": "kernelize.api",
          "Rewrite": "kernelize.patterns.registry", "register_rewrite": "kernelize.patterns.registry",
-         "unregister_rewrite": "kernelize.patterns.registry"}
+         "unregister_rewrite": "kernelize.patterns.registry", "TextCalibration": "kernelize.frontends.text"}
 
 
 def __getattr__(name):

@@ -38,6 +38,8 @@ def inspect(model: Any, example_inputs: Any = None, *, calib: Any = None, recipe
     approximate rewrite per site: its site error, end-to-end error and estimated and
     measured speed on the calibration inputs (synthesized when ``calib`` is None).
     """
+    if hasattr(calib, "check"):  # text: passages there and a tokenizer known, before loading the model
+        calib.check(model)
     ir_model, name = pipeline.load_model(model, example_inputs)
     canonicalize(ir_model)
     candidates = None
@@ -78,8 +80,9 @@ def optimize(model: Any, example_inputs: Any = None, *, recipe: str = "exact", b
 
     ``recipe="fast"`` (approximate attention) or ``"edge"`` (approximate projections), or
     ``rewrites`` such as ``["attention=linear:hedgehog"]``, calibrate on ``calib`` (an
-    ``.npz`` path or a dict of arrays with samples on axis 0; synthesized from the signature
-    when None) and keep the fastest rewrites whose end-to-end error, by ``metric``
+    ``.npz`` path, a dict of arrays with samples on axis 0, or text:
+    :class:`kernelize.TextCalibration`, tokenized with the model folder's tokenizer;
+    synthesized from the signature when None) and keep the fastest rewrites whose end-to-end error, by ``metric``
     ("relative_l2", "cosine" or a function ``(reference, candidate, feeds) -> float`` of
     output dicts), stays within ``max_error``; ``layers`` ("3-5") limits the sites.
 

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 DEFAULT_MODEL = "kernelize.models.minilm:build"
 DEFAULT_OUTPUT = "kernelize-out"
@@ -21,13 +20,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _progress(quiet: bool):
-    start = time.perf_counter()
+    """Progress lines on stderr, and bars for the long steps on a terminal (kernelize.progress)."""
+    from kernelize.progress import Progress
 
-    def say(message: str) -> None:
-        if not quiet:
-            print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    return say
+    return Progress(quiet)
 
 
 DEPLOY_COMMANDS = ("run", "bench", "deploy", "pack")
@@ -79,6 +75,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     _add_approximate_options(ins, budget=False)
     _add_deploy_commands(sub)
+    from kernelize import compare
+
+    compare.add_parser(sub)
     return parser
 
 
@@ -86,6 +85,15 @@ def _add_approximate_options(parser, budget: bool) -> None:
     parser.add_argument("--calib", default=None, metavar="INPUTS.npz",
                         help="calibration inputs for approximate rewrites: one array per model input, samples on "
                              "axis 0 (default: synthesized from the model's signature)")
+    parser.add_argument("--calib-text", default=None, metavar="FILE|DIR",
+                        help="calibration text: a file with one passage per line, or a folder with one passage "
+                             "per file, tokenized with the model folder's tokenizer (or --tokenizer)")
+    parser.add_argument("--calib-seq", type=int, default=None, metavar="N",
+                        help="tokens per calibration passage, padded or truncated (default: 128)")
+    parser.add_argument("--calib-samples", type=int, default=None, metavar="K",
+                        help="calibration passages used, the first K (default: 16)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="folder of the tokenizer for --calib-text when the model is not a Hugging Face folder")
     parser.add_argument("--rewrite", action="append", default=None, metavar="KIND=METHOD",
                         help="approximate rewrite(s) to use, e.g. attention=linear:hedgehog, attention=sparse, "
                              "projection=shiftadd|lut (repeatable)")
@@ -151,6 +159,25 @@ def _add_deploy_commands(sub) -> None:
                                           "folder (default: beside the archive)")
     pk.add_argument("--unpack", action="store_true", help="extract an archive instead")
     pk.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def _calibration(args):
+    """--calib, or --calib-text with its options, as optimize's and inspect's ``calib``."""
+    from kernelize.errors import UsageError
+
+    given = [flag for flag, value in (("--calib-seq", args.calib_seq), ("--calib-samples", args.calib_samples),
+                                      ("--tokenizer", args.tokenizer)) if value is not None]
+    if args.calib_text is None:
+        if given:
+            raise UsageError(f"{' and '.join(given)} go(es) with --calib-text")
+        return args.calib
+    if args.calib is not None:
+        raise UsageError("give --calib or --calib-text, not both")
+    from kernelize.frontends import text
+
+    return text.TextCalibration(args.calib_text, seq=text.DEFAULT_SEQ if args.calib_seq is None else args.calib_seq,
+                                samples=text.DEFAULT_SAMPLES if args.calib_samples is None else args.calib_samples,
+                                tokenizer=args.tokenizer)
 
 
 def _inspect_table(result: dict) -> str:
@@ -415,11 +442,17 @@ def main(argv=None) -> int:
                               shape=_parse_build_shape(args.shape), tune_trials=args.tune,
                               tuning_db=args.tuning_db or (".kernelize-tuning" if args.tune else None),
                               output_dir=args.output, force=args.force, measure_latency=not args.no_latency,
-                              threads=args.threads, calib=args.calib, max_error=args.max_error,
+                              threads=args.threads, calib=_calibration(args), max_error=args.max_error,
                               rewrites=args.rewrite, layers=args.layers, metric=args.metric,
                               progress=_progress(args.quiet))
+            from kernelize.report import summary
+
             print(table(result.report))
-            print(f"wrote {result.path}")
+            print(summary(result.report, result.path))
+        elif args.command == "compare":
+            from kernelize import compare
+
+            return compare.command(args)
         elif args.command in DEPLOY_COMMANDS:
             try:
                 return _DEPLOY_HANDLERS[args.command](args)
@@ -429,7 +462,7 @@ def main(argv=None) -> int:
         else:
             from kernelize.api import inspect
 
-            result = inspect(args.model, calib=args.calib, recipe=args.recipe, rewrites=args.rewrite,
+            result = inspect(args.model, calib=_calibration(args), recipe=args.recipe, rewrites=args.rewrite,
                              layers=args.layers, metric=args.metric, progress=_progress(args.quiet or args.json))
             print(json.dumps(result, indent=2, default=str) if args.json else _inspect_table(result))
     except UsageError as err:

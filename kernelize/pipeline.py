@@ -26,6 +26,7 @@ from typing import Any, Callable
 import onnx
 import onnx_ir as ir
 
+from kernelize import progress as progress_mod
 from kernelize.backends import BACKENDS
 from kernelize.errors import KernelizeError, UsageError
 
@@ -33,7 +34,7 @@ LATENCY_SHAPE = (1, 128)  # (batch, sequence) for the before/after latency
 # The report's sections in the order report.json lists them (a section a run does not
 # produce is left out; one not named here goes after these).
 REPORT_ORDER = ("model", "sites", "near_misses", "summary", "recipe", "backend", "canonicalization", "lowered",
-                "custom_rewrites", "end_to_end", "tolerance", "timings", "approximate", "tvm", "latency")
+                "custom_rewrites", "end_to_end", "tolerance", "timings", "approximate", "tvm", "latency", "size")
 
 
 @dataclasses.dataclass
@@ -176,6 +177,8 @@ def check_options(ctx: Context) -> Context:
         raise UsageError(f"--max-error must be a number >= 0 (got {o.max_error})")
     if isinstance(o.calib, (str, os.PathLike)) and not Path(o.calib).is_file():
         raise UsageError(f"calibration file not found: {o.calib}")
+    if hasattr(o.calib, "check"):  # text: passages there and a tokenizer known, before any loading
+        o.calib.check(ctx.source)
     if o.backend == "ort" and o.target not in ("cpu", "arm64"):
         raise UsageError(f"backend ort supports targets cpu and arm64 (got {o.target!r}); use --backend tvm")
     if o.backend == "tvm":
@@ -232,7 +235,7 @@ def approximate(ctx: Context) -> Context:
             ctx.model, o.recipe, calib=o.calib, max_error=o.max_error, rewrites=ctx.rewrite_spec,
             layers=ctx.layer_set, metric=o.metric, method_options=o.method_options,
             calibration_cache=o.calibration_cache, threads=o.threads, backend=o.backend, target=o.target,
-            say=ctx.say)
+            say=ctx.progress or _silent)
     return ctx
 
 
@@ -258,7 +261,7 @@ def lower(ctx: Context) -> Context:
 
         with ctx.step(f"compiling with TVM for {o.target}", "lower_s"):
             ctx.built = tvm_backend.build(ctx.fused, o.target, shape=o.shape, tune_trials=o.tune_trials,
-                                          tuning_db=o.tuning_db, progress=ctx.say)
+                                          tuning_db=o.tuning_db, progress=ctx.progress)
             ctx.report["lowered"] = {"tvm_schedules": _count(ctx.built.schedules.values())}
     else:
         from kernelize.backends import ort as ort_backend
@@ -337,11 +340,14 @@ def latency(ctx: Context) -> Context:
         if built is None and not o.shape:  # the default length, bounded by what the model takes
             seq = verify_mod.accepted_length(reference, ctx.model, seq, batch)
         feeds = verify_mod.random_inputs(ctx.model, batch, seq)
-        before = ort_backend.latency_ms(reference, feeds, o.latency_runs)
-        if built is None:
-            after = ort_backend.latency_ms(ort_backend.session(ctx.model, o.threads), feeds, o.latency_runs)
-        else:
-            after = built.runner(threads=o.threads).latency_ms(feeds, o.latency_runs)
+        with progress_mod.bar(ctx.progress, 2 * o.latency_runs, "latency runs (before, after)", "run") as bar:
+            tick = progress_mod.ticker(bar)
+            before = ort_backend.latency_ms(reference, feeds, o.latency_runs, tick=tick)
+            if built is None:
+                after = ort_backend.latency_ms(ort_backend.session(ctx.model, o.threads), feeds, o.latency_runs,
+                                               tick=tick)
+            else:
+                after = built.runner(threads=o.threads).latency_ms(feeds, o.latency_runs, tick=tick)
         section = ctx.report["latency"] = {
             "batch": batch, "seq": seq, "threads": o.threads, "before": before, "after": after,
             "speedup": before["median_ms"] / after["median_ms"],
@@ -358,6 +364,8 @@ def latency(ctx: Context) -> Context:
 def report(ctx: Context) -> Context:
     """The report's sections in their order (:data:`REPORT_ORDER`)."""
     o = ctx.options
+    ctx.report["size"] = {"original_onnx_bytes": ctx.original.ByteSize(),
+                          "optimized_onnx_bytes": ir.to_proto(ctx.model).ByteSize()}
     sections = {**ctx.report, "recipe": o.recipe, "backend": o.backend, "timings": ctx.timings}
     ctx.report = {key: sections.pop(key) for key in REPORT_ORDER if key in sections}
     ctx.report.update(sections)
@@ -402,6 +410,10 @@ def run(passes, ctx: Context) -> Context:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _silent(message: str) -> None:
+    pass
+
 
 def _site_values(ctx: Context) -> list[str]:
     return [s.outputs[0].name for s in ctx.sites if s.nodes]

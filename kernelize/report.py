@@ -40,6 +40,44 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(report: dict, path=None) -> str:
+    """The end of ``optimize``: what changed, the error, the speed, the size, where the artifact is."""
+    counts = report.get("summary", {}).get("sites", {})
+    fused = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no site"
+    lines = ["summary:", f"  changed: {fused} fused"]
+    approx = report.get("approximate")
+    if approx:
+        chosen = approx.get("chosen") or {}
+        methods: dict[str, int] = {}
+        for method in chosen.values():
+            methods[method] = methods.get(method, 0) + 1
+        taken = ", ".join(f"{m} x{n}" for m, n in methods.items())
+        lines.append(f"  approximate: {len(chosen)} of {len(approx.get('sites', []))} site(s) rewritten"
+                     + (f" ({taken}); held-out {approx['metric']} {approx.get('held_out_error', 0.0):.3g}"
+                        + (f" of {approx['max_error']:g} allowed" if approx.get("max_error") is not None else "")
+                        if chosen else ""))
+    e2e = report.get("end_to_end")
+    if e2e and e2e.get("outputs"):
+        lines.append(f"  error: max abs {max(e2e['outputs'].values()):.2e} against the original")
+    lat = report.get("latency")
+    if lat:
+        lines.append(f"  speed: {lat['before']['median_ms']:.2f} ms -> {lat['after']['median_ms']:.2f} ms "
+                     f"({lat['speedup']:.2f}x; batch {lat['batch']}, seq {lat['seq']})")
+    size = report.get("size")
+    if size:
+        after = size.get("artifact_model_bytes", size["optimized_onnx_bytes"])
+        lines.append(f"  size: {bytes_text(size['original_onnx_bytes'])} -> {bytes_text(after)}"
+                     + (" (compiled library)" if "artifact_model_bytes" in size and report.get("backend") == "tvm"
+                        else ""))
+    if path is not None:
+        lines.append(f"  artifact: {path}  (report.html, report.json, manifest.json)")
+    return "\n".join(lines)
+
+
+def bytes_text(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def approximate_table(section: dict) -> str:
     """Per site and candidate: site error, end-to-end error, estimated and measured speed."""
     budget = section.get("max_error")

@@ -8,6 +8,7 @@ Runtime inlines at load time.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -78,9 +79,10 @@ def run(sess, feeds: dict[str, np.ndarray], names=None) -> dict[str, np.ndarray]
         raise KernelizeError(f"ONNX Runtime failed to run the model: {str(err).splitlines()[0]}") from None
 
 
-def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> dict[str, float]:
+def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
+               tick: Callable[[], None] | None = None) -> dict[str, float]:
     """Median and spread of ``runs`` timed calls (after ``warmup`` calls): see
-    :func:`kernelize.timing.latency_summary`."""
+    :func:`kernelize.timing.latency_summary`. ``tick`` is called after each timed call."""
     names = [sess.get_outputs()[0].name]
     for _ in range(warmup):
         run(sess, feeds, names)  # a model that cannot run says why in one line
@@ -89,12 +91,16 @@ def latency_ms(sess, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int =
         start = time.perf_counter()
         sess.run(names, feeds)
         times.append((time.perf_counter() - start) * 1e3)
+        if tick is not None:
+            tick()
     return latency_summary(times)
 
 
-def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, warmup: int = 2) -> list[dict]:
+def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, warmup: int = 2,
+                   tick: Callable[[], None] | None = None) -> list[dict]:
     """Latency of several sessions on the same feeds, timed in interleaved rounds (the order
-    rotates each round, so load on the machine spreads over all): median, p10, p90 each."""
+    rotates each round, so load on the machine spreads over all): median, p10, p90 each.
+    ``tick`` is called after each round."""
     names = [[s.get_outputs()[0].name] for s in sessions]
     for _ in range(warmup):
         for sess, out in zip(sessions, names):
@@ -106,6 +112,8 @@ def interleaved_ms(sessions, feeds: dict[str, np.ndarray], rounds: int = 15, war
             start = time.perf_counter()
             sessions[i].run(names[i], feeds)
             times[i].append((time.perf_counter() - start) * 1e3)
+        if tick is not None:
+            tick()
     return [latency_summary(t) for t in times]
 
 

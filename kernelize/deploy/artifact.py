@@ -6,6 +6,7 @@ Layout::
     model.onnx [+ model.onnx.data]     backend ort
     model.so   (or model.tar)          backend tvm (a .tar is linked on the target)
     report.json, report.txt            what was rewritten and the measured errors
+    report.html                        the same as a page with plots (written by the compiler)
     manifest.json                      format version, backend, target, signature,
                                        library versions, rewrites, SHA-256 of every other file
 

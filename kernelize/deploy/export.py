@@ -42,13 +42,19 @@ def write_artifact(model: ir.Model, report: dict, out_path: Path, force: bool = 
             ort_backend.save_ort_format(data, mobile)
             manifest["target"] = artifact.describe_target("ort", preset="arm64")
             manifest["mobile_model"] = "model.ort"
-            return artifact.write(out_path, {"model.onnx": data, "model.ort": mobile}, manifest, report, force)
+            files = {"model.onnx": data, "model.ort": mobile}
+            _add_html(report, files, "model.onnx", len(data))
+            return artifact.write(out_path, files, manifest, report, force)
     if proto.ByteSize() <= ONNX_INLINE_LIMIT:
-        return artifact.write(out_path, {"model.onnx": proto.SerializeToString()}, manifest, report, force)
+        data = proto.SerializeToString()
+        files = {"model.onnx": data}
+        _add_html(report, files, "model.onnx", len(data))
+        return artifact.write(out_path, files, manifest, report, force)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.model.", dir=parent) as tmp:
         onnx.save_model(proto, Path(tmp) / "model.onnx", save_as_external_data=True,
                         location="model.onnx.data", all_tensors_to_one_file=True)
         files = {"model.onnx": Path(tmp) / "model.onnx", "model.onnx.data": Path(tmp) / "model.onnx.data"}
+        _add_html(report, files, "model.onnx", sum(p.stat().st_size for p in files.values()))
         return artifact.write(out_path, files, manifest, report, force)
 
 
@@ -83,4 +89,17 @@ def write_tvm_artifact(built, model: ir.Model, report: dict, out_path: Path, for
         report.setdefault("notes", []).append(f"{linker} not found: object files (model.tar) to link on the device")
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.lib.", dir=parent) as tmp:
         library = built.export_library(Path(tmp) / name)
-        return artifact.write(out_path, {name: library}, manifest, report, force)
+        files = {name: library}
+        _add_html(report, files, name, Path(library).stat().st_size)
+        return artifact.write(out_path, files, manifest, report, force)
+
+
+def _add_html(report: dict, files: dict, model_name: str, model_bytes: int) -> None:
+    """The model file's size into the report's ``size`` section, and ``report.html`` (drawn
+    from the same report as report.json) into ``files``."""
+    from kernelize import report_html
+
+    if report is None:
+        return
+    report.setdefault("size", {}).update(artifact_model=model_name, artifact_model_bytes=int(model_bytes))
+    files["report.html"] = report_html.render(report).encode()

@@ -334,15 +334,21 @@ class TvmVM:
         self.device.sync()
         return time.perf_counter() - start
 
-    def latency_ms(self, inputs: Mapping[str, Any], runs: int = 20, warmup: int = 3) -> dict[str, float]:
+    def latency_ms(self, inputs: Mapping[str, Any], runs: int = 20, warmup: int = 3, tick=None) -> dict[str, float]:
         """Median and spread of ``runs`` timed calls (after ``warmup``), inputs already on the
-        device; the same statistics as ``kernelize.backends.ort.latency_ms``."""
+        device; the same statistics as ``kernelize.backends.ort.latency_ms`` (``tick`` is
+        called after each timed call)."""
         import numpy as np
 
         args = self.arguments(inputs)
         for _ in range(warmup):
             self._main(*args)
-        times = sorted(self.timed(args) * 1e3 for _ in range(runs))
+        times = []
+        for _ in range(runs):
+            times.append(self.timed(args) * 1e3)
+            if tick is not None:
+                tick()
+        times.sort()
         return {"median_ms": float(np.median(times)), "p10_ms": times[len(times) // 10],
                 "p90_ms": times[(9 * len(times)) // 10], "runs": runs}
 
@@ -424,6 +430,13 @@ class Runner:
         feeds = self.validate(feeds)
         values = self._session.run(feeds)
         return dict(zip([o["name"] for o in self.outputs], values))
+
+    def timed(self, feeds: Mapping[str, Any]) -> float:
+        """Seconds of one call on ``feeds`` (checked with :meth:`validate` by the caller; TVM
+        inputs are copied to the device before the clock starts)."""
+        if isinstance(self._session, _TvmSession):
+            self._session._set(feeds)
+        return self._session.timed(feeds)
 
     def bench(self, feeds: Mapping[str, Any], runs: int = 20, warmup: int = 3) -> dict:
         """Latency of ``runs`` timed calls after ``warmup`` untimed ones (ms)."""

@@ -2,7 +2,8 @@
 activations captured at their sites.
 
 Calibration inputs come from the user (an ``.npz`` with one array per model input, samples
-along axis 0) or are synthesized from the model's signature (random token ids, full
+along axis 0, or text tokenized by an object with ``inputs_for(model) -> (arrays,
+description)``: :class:`kernelize.frontends.text.TextCalibration`) or are synthesized from the model's signature (random token ids, full
 masks), which the report states. They are split into a fitting half and a held-out half.
 """
 
@@ -80,7 +81,9 @@ def load(model: ir.Model, calib: str | os.PathLike | dict | None, samples: int =
         feeds, seq = _synthesize(model, samples, seq)
         source = f"synthesized from the model's signature: {samples} random samples at seq {seq}"
     else:
-        if isinstance(calib, dict):
+        if hasattr(calib, "inputs_for"):  # text, tokenized for this model
+            feeds, source = calib.inputs_for(model)
+        elif isinstance(calib, dict):
             feeds, source = {k: np.asarray(v) for k, v in calib.items()}, "user: arrays"
         else:
             feeds, source = _read_npz(Path(calib)), f"user: {calib}"
@@ -92,6 +95,7 @@ def load(model: ir.Model, calib: str | os.PathLike | dict | None, samples: int =
         if len(counts) != 1:
             raise UsageError("calibration arrays have different sample counts along axis 0")
         _check_signature(model, feeds)
+        _check_token_ids(model, feeds)
     n = len(next(iter(feeds.values())))
     if n < 2:
         raise UsageError(f"calibration needs at least 2 samples (got {n}): half fit, half held out")
@@ -141,6 +145,17 @@ def _check_signature(model: ir.Model, feeds: dict[str, np.ndarray]) -> None:
                 feeds[value.name] = array.astype(dtype)
             else:
                 raise UsageError(f"calibration input {value.name} is {array.dtype}, the model takes {dtype}")
+
+
+def _check_token_ids(model: ir.Model, feeds: dict[str, np.ndarray]) -> None:
+    """Token ids past the model's embedding table (a tokenizer of another model) stop here,
+    in one line, instead of inside ONNX Runtime's Gather."""
+    for value in model.graph.inputs:
+        rows = verify.embedding_rows(model, value)
+        array = feeds[value.name]
+        if rows and array.dtype.kind in "iu" and array.size and int(array.max()) >= rows:
+            raise UsageError(f"calibration input {value.name} has ids up to {int(array.max())}, the model's "
+                             f"embedding table has {rows} rows (a tokenizer of another model?)")
 
 
 def run(model, calib: CalibrationSet, which: slice | None = None, names=(), threads: int = 2) -> dict:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from kernelize import progress
 from kernelize.errors import UsageError
 from kernelize.passes import approximate, calibrate
 
@@ -154,31 +155,40 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
 
     all_candidates: dict[str, list[approximate.Candidate]] = {}
     cache = {} if calibration_cache is None else calibration_cache
-    for s in sites:
-        key = (s.id, tuple(names_by_kind[s.kind]), calib.fingerprint, metric_name, repr(method_options), threads)
-        if key in cache:  # fitted and measured by an earlier call on the same model and calibration
-            all_candidates[s.id] = cache[key]
-            continue
-        say(f"{s.id} ({s.name}): fitting {len(names_by_kind[s.kind])} candidate(s)")
-        cands = approximate.fit_candidates(s, captured, names_by_kind[s.kind], method_options, say)
-        view = captured[s.id]
-        for c in cands:
-            if c.fitted is None:
+
+    def judge(s, c, view) -> None:
+        """The candidate's speed alone and (unless hopeless or without gain) its end-to-end error."""
+        exact_ms, approx_ms = approximate.measure_times(s, view, c.fitted, seq=calib.seq, threads=threads)
+        c.measured_speedup, c.saved_ms = exact_ms / approx_ms, exact_ms - approx_ms
+        screen = select and not forced  # inspection measures every candidate
+        if screen and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
+            c.reason = f"site error {c.site_error:.3g} > {HOPELESS_SITE_ERROR}: end-to-end run skipped"
+            return
+        if screen and gain(c, goal) <= 0:
+            c.reason = (f"no gain at seq {calib.seq} (measured x{c.measured_speedup:.2f}"
+                        + (", slower than exact: edge takes no rewrite that slows the model)"
+                           if goal == "size" and c.measured_speedup < 1 else ")"))
+            return
+        bar.say(f"{s.id}: end-to-end error of {c.method}")
+        c.error = end_to_end({s.id: c.fitted})
+
+    total = sum(len(names_by_kind[s.kind]) for s in sites)
+    with progress.bar(say, total, f"calibrating {len(sites)} site(s)", "candidate") as bar:
+        for s in sites:
+            key = (s.id, tuple(names_by_kind[s.kind]), calib.fingerprint, metric_name, repr(method_options),
+                   threads)
+            if key in cache:  # fitted and measured by an earlier call on the same model and calibration
+                all_candidates[s.id] = cache[key]
+                bar.update(len(names_by_kind[s.kind]))
                 continue
-            exact_ms, approx_ms = approximate.measure_times(s, view, c.fitted, seq=calib.seq, threads=threads)
-            c.measured_speedup, c.saved_ms = exact_ms / approx_ms, exact_ms - approx_ms
-            screen = select and not forced  # inspection measures every candidate
-            if screen and c.site_error is not None and c.site_error > HOPELESS_SITE_ERROR:
-                c.reason = f"site error {c.site_error:.3g} > {HOPELESS_SITE_ERROR}: end-to-end run skipped"
-                continue
-            if screen and gain(c, goal) <= 0:
-                c.reason = (f"no gain at seq {calib.seq} (measured x{c.measured_speedup:.2f}"
-                            + (", slower than exact: edge takes no rewrite that slows the model)"
-                               if goal == "size" and c.measured_speedup < 1 else ")"))
-                continue
-            say(f"  {s.id}: end-to-end error of {c.method}")
-            c.error = end_to_end({s.id: c.fitted})
-        all_candidates[s.id] = cache[key] = cands
+            bar.say(f"{s.id} ({s.name}): fitting {len(names_by_kind[s.kind])} candidate(s)")
+            cands = approximate.fit_candidates(s, captured, names_by_kind[s.kind], method_options, bar.say)
+            for c in cands:
+                if c.fitted is not None:
+                    judge(s, c, captured[s.id])
+                bar.update(1)
+            bar.update(max(0, len(names_by_kind[s.kind]) - len(cands)))
+            all_candidates[s.id] = cache[key] = cands
 
     # a method the user named that has too little data at every site is an error; a recipe's
     # default methods just leave such sites to the other candidates (the reason is reported)
@@ -217,7 +227,7 @@ def approximate_model(model: ir.Model, recipe: str, *, calib=None, max_error: fl
     if select and chosen and goal == "time" and not forced:
         say("timing the rewritten model against the exact one (batch 1)")
         section["latency"] = latency = _compare_latency(base, approximate.variant(
-            base, kinds, layers, reads, {k: c.fitted for k, c in chosen.items()}), calib, threads)
+            base, kinds, layers, reads, {k: c.fitted for k, c in chosen.items()}), calib, threads, say=say)
         if latency["speedup"] < 1.0:  # a rewrite is taken for speed only: none pays off
             section["not_faster"] = {k: c.method for k, c in chosen.items()}
             chosen = {}
@@ -292,7 +302,7 @@ def _refit_sequentially(base, sites, chosen: dict, calib, method_options, varian
             applied[s.id] = c.fitted
 
 
-def _compare_latency(base, rewritten: ir.Model, calib, threads: int, rounds: int = 15) -> dict:
+def _compare_latency(base, rewritten: ir.Model, calib, threads: int, rounds: int = 15, say=None) -> dict:
     """Batch-1 latency of the exact and the rewritten model as they will run: fused and
     lowered for ONNX Runtime (one held-out calibration sample, interleaved rounds, medians)."""
     from kernelize.backends import ort as ort_backend
@@ -306,7 +316,8 @@ def _compare_latency(base, rewritten: ir.Model, calib, threads: int, rounds: int
 
     feeds = {k: v[calib.held_out.start:calib.held_out.start + 1] for k, v in calib.feeds.items()}
     exact, fast = deployed(base), deployed(ir.to_proto(rewritten))
-    times = ort_backend.interleaved_ms([exact, fast], feeds, rounds)
+    with progress.bar(say, rounds, "timing exact against rewritten", "round") as bar:
+        times = ort_backend.interleaved_ms([exact, fast], feeds, rounds, tick=progress.ticker(bar))
     return {"batch": 1, "seq": calib.seq, "threads": threads, "exact_ms": times[0], "rewritten_ms": times[1],
             "speedup": times[0]["median_ms"] / times[1]["median_ms"],
             "note": "both fused and lowered for ONNX Runtime"}

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -228,10 +229,11 @@ def tune(mod, target, trials: int, tuning_db, say, rules: Sequence) -> tuple[obj
         with _without_tensor_intrinsics(target):
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 todo, str(work_dir), space="post-order-apply", strategy="evolutionary", num_threads=1)
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                      max_trials_global=trials, max_trials_per_task=trials,
-                      num_trials_per_iter=max(1, min(trials, 16)), builder=builder, runner=runner,
-                      database=database, cost_model="random" if not _has_xgboost() else "xgb")
+        with _trial_bar(say, work_dir, trials):
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                          max_trials_global=trials, max_trials_per_task=trials,
+                          num_trials_per_iter=max(1, min(trials, 16)), builder=builder, runner=runner,
+                          database=database, cost_model="random" if not _has_xgboost() else "xgb")
         for task in todo:
             best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
             if best and best[0].run_secs:
@@ -250,6 +252,48 @@ def tune(mod, target, trials: int, tuning_db, say, rules: Sequence) -> tuple[obj
     with target, chosen:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     return mod, summary
+
+
+TUNING_RECORDS = "database_tuning_record.json"  # JSONDatabase appends one line per measured trial
+
+
+@contextlib.contextmanager
+def _trial_bar(progress, work_dir: Path, trials: int, every_s: float = 1.0):
+    """A bar over MetaSchedule's trials while the block tunes: ``tune_tasks`` reports nothing
+    until it returns, so a thread counts the records it appends to the database."""
+    from kernelize import progress as progress_mod
+
+    records = Path(work_dir) / TUNING_RECORDS
+
+    def count() -> int:
+        try:
+            with open(records, "rb") as fh:
+                return sum(1 for _ in fh)
+        except OSError:
+            return 0
+
+    start = count()
+    with progress_mod.bar(progress, trials, "tuning trials", "trial") as bar:
+        if not bar.drawn:
+            yield bar
+            return
+        stop = threading.Event()
+
+        def poll() -> None:
+            done = 0
+            while not stop.wait(every_s):
+                now = min(trials, count() - start)
+                if now > done:
+                    bar.update(now - done)
+                    done = now
+
+        thread = threading.Thread(target=poll, name="kernelize-tuning-progress", daemon=True)
+        thread.start()
+        try:
+            yield bar
+        finally:
+            stop.set()
+            thread.join()
 
 
 def _default_schedule(func, target, rules):
