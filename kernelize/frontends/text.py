@@ -21,6 +21,9 @@ from kernelize.errors import KernelizeError, UsageError
 
 DEFAULT_SEQ = 128  # tokens per passage
 DEFAULT_SAMPLES = 16  # passages used (the first ones), half fitted, half held out
+# the files a tokenizer is read from (fast tokenizers, word-piece, BPE, sentencepiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -108,6 +111,10 @@ def load_tokenizer(folder: str | os.PathLike):
     import transformers
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build a tokenizer of special tokens only and map every word to [UNK]
+        raise KernelizeError(f"{folder}: no usable tokenizer: none of {', '.join(TOKENIZER_FILES[:3])}, ... there; "
+                             "pass --tokenizer DIR")
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
