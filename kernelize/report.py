@@ -65,8 +65,9 @@ def summary(report: dict, path=None) -> str:
                      f"({lat['speedup']:.2f}x; batch {lat['batch']}, seq {lat['seq']})")
     size = report.get("size")
     if size:
-        after = size.get("artifact_model_bytes", size["optimized_onnx_bytes"])
-        lines.append(f"  size: {bytes_text(size['original_onnx_bytes'])} -> {bytes_text(after)}"
+        after = size.get("artifact_model_bytes", size.get("optimized_onnx_bytes"))
+        before = size.get("original_onnx_bytes")
+        lines.append(f"  size: {bytes_text(before) if before is not None else '-'} -> {bytes_text(after)}"
                      + (" (compiled library)" if "artifact_model_bytes" in size and report.get("backend") == "tvm"
                         else ""))
     if path is not None:

@@ -192,10 +192,11 @@ def _latency_png(lat: dict) -> bytes:
 def _bytes_png(size: dict) -> bytes:
     figure = _figure(4.8, 2.8)
     ax = figure.add_subplot(1, 1, 1)
-    labels, values = ["original ONNX", "optimized ONNX"], [size["original_onnx_bytes"], size["optimized_onnx_bytes"]]
-    if size.get("artifact_model_bytes") is not None and size.get("artifact_model") not in (None, "model.onnx"):
-        labels.append(size["artifact_model"])
-        values.append(size["artifact_model_bytes"])
+    bars_of = [("original ONNX", size.get("original_onnx_bytes")), ("optimized ONNX", size.get("optimized_onnx_bytes"))]
+    if size.get("artifact_model") not in (None, "model.onnx"):
+        bars_of.append((size["artifact_model"], size.get("artifact_model_bytes")))
+    labels = [label for label, value in bars_of if value is not None]
+    values = [value for label, value in bars_of if value is not None]
     mb = [v / 1e6 for v in values]
     bars = ax.bar(labels, mb, color=["#9aa7b4", "#3b6ea8", "#5b9b5b"][:len(mb)])
     for rect, value in zip(bars, values):

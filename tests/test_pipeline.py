@@ -87,7 +87,7 @@ def test_report_sections_and_progress_in_their_order(bert, tmp_path):
     assert said == ["loading model", "canonicalizing", "fusing", "lowering for ort", "verifying against the original",
                     f"writing {tmp_path / 'out'}"]
     expected = ["model", "sites", "near_misses", "summary", "recipe", "backend", "canonicalization", "lowered",
-                "custom_rewrites", "end_to_end", "tolerance", "timings"]
+                "custom_rewrites", "end_to_end", "tolerance", "timings", "size"]
     assert list(result.report) == expected
     assert list(json.loads((tmp_path / "out" / "report.json").read_text())) == expected
     assert list(result.report["timings"]) == ["capture_s", "canonicalize_s", "fuse_s", "optimize_s", "lower_s",
